@@ -1,0 +1,25 @@
+"""gsa-compile: compiler passes that turn every attention of a PyTorch model into GSA
+(hash-aware top-k sparse attention, HATA) for fast long-context decoding."""
+
+import logging
+
+from . import functional, ops  # noqa: F401  (registers the gsa custom ops)
+from .config import GSAConfig, load_config, shipped_config_names
+from .errors import GSABackendUnavailable, GSAConfigError, GSAError, GSAInputError
+from .kernels import use_backend
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GSAConfig",
+    "GSAConfigError",
+    "GSAError",
+    "GSAInputError",
+    "GSABackendUnavailable",
+    "functional",
+    "load_config",
+    "shipped_config_names",
+    "use_backend",
+]

@@ -1,0 +1,118 @@
+"""Pieces of the GSA semantics that every backend shares: bit packing, group mapping,
+must-select resolution, mask splitting and budget arithmetic."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+_BIT_WEIGHTS = {}
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def bit_weights(device: torch.device) -> torch.Tensor:
+    """[8] uint8 of 1, 2, 4, ... 128: bit i of a byte is projected dim 8b + i (little-endian)."""
+    key = str(device)
+    if key not in _BIT_WEIGHTS:
+        _BIT_WEIGHTS[key] = (2 ** torch.arange(8, dtype=torch.int32)).to(torch.uint8).to(device)
+    return _BIT_WEIGHTS[key]
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool [..., R] -> uint8 [..., R // 8], little-endian within each byte."""
+    shaped = bits.reshape(*bits.shape[:-1], bits.shape[-1] // 8, 8).to(torch.uint8)
+    return (shaped * bit_weights(bits.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., R // 8] -> bool [..., R] (inverse of pack_bits)."""
+    bits = (codes.unsqueeze(-1) & bit_weights(codes.device)) != 0
+    return bits.reshape(*codes.shape[:-1], codes.shape[-1] * 8)
+
+
+def projection_dtype(x: torch.Tensor) -> torch.dtype:
+    """Hash projections run in float32, or float64 when the input already is."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def expand_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Weight [Hkv, ...] -> [num_heads, ...] with head i using weight i // G."""
+    groups = num_heads // weight.shape[0]
+    return weight if groups == 1 else weight.repeat_interleave(groups, dim=0)
+
+
+def resolve_must_select(must_select: Sequence[int], num_blocks: int) -> list[int]:
+    """Block indices of must_select inside [0, num_blocks), negatives from the end, deduplicated."""
+    resolved = []
+    for block in must_select:
+        index = block if block >= 0 else num_blocks + block
+        if 0 <= index < num_blocks and index not in resolved:
+            resolved.append(index)
+    return resolved
+
+
+def num_selected_blocks(
+    num_keys: int,
+    chunk_size: int,
+    *,
+    top_k_ratio: Optional[float] = None,
+    budget_tokens: Optional[int] = None,
+    must_select: Sequence[int] = (0, -2, -1),
+) -> int:
+    """k = ceil(ratio * n_blocks) or ceil(budget_tokens / C), clamped to [#must-select, n_blocks]."""
+    if (top_k_ratio is None) == (budget_tokens is None):
+        raise ValueError("give exactly one of top_k_ratio and budget_tokens")
+    n_blocks = ceil_div(num_keys, chunk_size)
+    if budget_tokens is not None:
+        k = ceil_div(budget_tokens, chunk_size)
+    else:
+        # Round before the ceiling so 0.3 * 10 is 3 blocks, not 4 from 3.0000000000000004.
+        k = math.ceil(round(top_k_ratio * n_blocks, 9))
+    floor = len(resolve_must_select(must_select, n_blocks))
+    return max(floor, min(k, n_blocks))
+
+
+def mask_to_4d(attn_mask: torch.Tensor) -> torch.Tensor:
+    while attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    return attn_mask
+
+
+def allowed_from_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """bool mask of keys a mask lets through: True entries of a bool mask; entries of an
+    additive mask above half the dtype's minimum (masked entries are -inf or finfo.min)."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask
+    return attn_mask > torch.finfo(attn_mask.dtype).min / 2
+
+
+def split_decode_mask(attn_mask: Optional[torch.Tensor], batch: int, num_heads: int, num_keys: int):
+    """A decode mask (broadcastable to [B, Hq, 1, L]) -> (valid [B, L] bool or None,
+    bias [B, 1 or Hq, 1, L] float or None). Valid keys are those some head may attend; the
+    bias carries additive values and masks that differ between heads."""
+    if attn_mask is None:
+        return None, None
+    mask = mask_to_4d(attn_mask)[..., -1:, :].expand(batch, -1, 1, num_keys)
+    allowed = allowed_from_mask(mask)
+    valid = allowed.any(dim=1)[:, 0, :]
+    if attn_mask.dtype != torch.bool:
+        return valid, mask
+    if mask.shape[1] == 1:
+        return valid, None
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return valid, bias.masked_fill(~allowed, float("-inf"))
+
+
+def block_token_index(blocks: torch.Tensor, chunk_size: int, num_keys: int):
+    """Selected blocks [B, H, k] -> (token index [B, H, k * C] clamped into the cache,
+    in-range bool [B, H, k * C]). Slots of -1 blocks and tokens past the cache are out of range."""
+    offsets = torch.arange(chunk_size, device=blocks.device, dtype=torch.int64)
+    tokens = blocks.to(torch.int64).unsqueeze(-1) * chunk_size + offsets
+    in_range = (blocks.unsqueeze(-1) >= 0) & (tokens < num_keys)
+    tokens = tokens.clamp(0, max(num_keys - 1, 0)).flatten(-2)
+    return tokens, in_range.flatten(-2)

@@ -1,0 +1,161 @@
+"""The reference backend: DESIGN section 2 written literally in pure torch.
+
+It is the oracle of every test and serves any call no faster kernel accepts. It scores every
+key and forms attention over the whole cache under a mask, so it is exact, not fast."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..common import (
+    ceil_div,
+    expand_heads,
+    pack_bits,
+    projection_dtype,
+    resolve_must_select,
+    unpack_codes,
+)
+
+
+def encode(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    dtype = projection_dtype(x)
+    w = expand_heads(weight, x.shape[1]).to(device=x.device, dtype=dtype)
+    projected = torch.einsum("bhld,hdr->bhlr", x.to(dtype), w)
+    return pack_bits(projected >= 0)
+
+
+def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, L]: sum over the group's query heads of R - 2 * hamming(code(q_i), code(k_j))."""
+    batch, kv_heads, num_keys, _ = key_codes.shape
+    bits = weight.shape[-1]
+    groups = query.shape[1] // kv_heads
+    query_bits = unpack_codes(encode(query, weight))[:, :, 0, :]
+    query_bits = query_bits.reshape(batch, kv_heads, groups, 1, bits)
+    key_bits = unpack_codes(key_codes).unsqueeze(2)
+    hamming = (query_bits != key_bits).sum(-1, dtype=torch.int64)
+    return (bits - 2 * hamming).sum(2).to(torch.float64)
+
+
+def block_scores(
+    similarity: torch.Tensor, valid: Optional[torch.Tensor], chunk_size: int, repre: str
+) -> torch.Tensor:
+    """[B, H, L] token scores -> [B, H, n_blocks]; -inf for blocks with no valid token."""
+    batch, heads, num_keys = similarity.shape
+    n_blocks = ceil_div(num_keys, chunk_size)
+    pad = n_blocks * chunk_size - num_keys
+    token_valid = torch.ones(batch, 1, num_keys, dtype=torch.bool, device=similarity.device)
+    if valid is not None:
+        token_valid = valid[:, None, :].clone()
+    scores = F.pad(similarity, (0, pad)).view(batch, heads, n_blocks, chunk_size)
+    mask = F.pad(token_valid, (0, pad), value=False).view(batch, 1, n_blocks, chunk_size)
+    if repre == "max":
+        reduced = scores.masked_fill(~mask, float("-inf")).amax(-1)
+    elif repre == "min":
+        reduced = scores.masked_fill(~mask, float("inf")).amin(-1)
+    else:
+        reduced = (scores * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return reduced.masked_fill(~mask.any(-1), float("-inf"))
+
+
+def top_blocks(
+    scores: torch.Tensor, must_select: Sequence[int], num_blocks: int
+) -> torch.Tensor:
+    """Block scores [B, H, n] (-inf = never) -> int32 [B, H, num_blocks]: must-select blocks
+    first, then the best others, ties to the lower index; ascending, -1 padded."""
+    batch, heads, n_blocks = scores.shape
+    priority = scores.clone()
+    must = resolve_must_select(must_select, n_blocks)
+    if must:
+        must_scores = priority[..., must]
+        priority[..., must] = torch.where(torch.isinf(must_scores) & (must_scores < 0), must_scores, float("inf"))
+    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
+    taken = order[..., :num_blocks]
+    taken_ok = priority.gather(-1, taken) > float("-inf")
+    chosen = torch.where(taken_ok, taken, n_blocks)
+    chosen = torch.sort(chosen, dim=-1).values
+    chosen = torch.where(chosen == n_blocks, -1, chosen)
+    if num_blocks > n_blocks:
+        chosen = F.pad(chosen, (0, num_blocks - n_blocks), value=-1)
+    return chosen.to(torch.int32)
+
+
+def select_blocks(
+    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope
+) -> torch.Tensor:
+    similarity = token_similarity(query, key_codes, weight)
+    if key_norms is not None:
+        similarity = similarity * key_norms.to(torch.float64)
+    scores = block_scores(similarity, valid, chunk_size, repre)
+    if scope == "shared":
+        scores = scores.amax(dim=1, keepdim=True).expand_as(scores)
+    return top_blocks(scores, must_select, num_blocks)
+
+
+def selected_token_mask(blocks: torch.Tensor, chunk_size: int, num_keys: int) -> torch.Tensor:
+    """int32 [B, H, k] -> bool [B, H, L], True for tokens of selected blocks."""
+    batch, heads, _ = blocks.shape
+    n_blocks = ceil_div(num_keys, chunk_size)
+    chosen = torch.zeros(batch, heads, n_blocks + 1, dtype=torch.bool, device=blocks.device)
+    chosen.scatter_(-1, torch.where(blocks < 0, n_blocks, blocks).to(torch.int64), True)
+    return chosen[..., :n_blocks].repeat_interleave(chunk_size, dim=-1)[..., :num_keys]
+
+
+def masked_attention(
+    query, key, value, allowed, bias, scale: Optional[float], softcap: Optional[float]
+) -> torch.Tensor:
+    """Exact softmax attention; allowed [B, Hkv|1, T|1, L] bool, bias broadcastable to
+    [B, Hq, T, L]. Rows with no allowed key return zeros."""
+    batch, q_heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = q_heads // kv_heads
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scale = dim ** -0.5 if scale is None else scale
+    q = query.to(dtype).reshape(batch, kv_heads, groups, queries, dim)
+    logits = torch.einsum("bhgtd,bhld->bhgtl", q, key.to(dtype)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if bias is not None:
+        bias = bias.to(dtype).expand(batch, q_heads, queries, key.shape[2])
+        logits = logits + bias.reshape(batch, kv_heads, groups, queries, key.shape[2])
+    if allowed is not None:
+        allowed = allowed.expand(batch, kv_heads, queries, key.shape[2]).unsqueeze(2)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhgtl,bhlv->bhgtv", weights, value.to(dtype))
+    return out.reshape(batch, q_heads, queries, value.shape[-1]).to(query.dtype)
+
+
+def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap) -> torch.Tensor:
+    allowed = selected_token_mask(blocks, chunk_size, key.shape[2]).unsqueeze(2)
+    if valid is not None:
+        allowed = allowed & valid[:, None, None, :]
+    return masked_attention(query, key, value, allowed, attn_bias, scale, softcap)
+
+
+def dense_attention(query, key, value, attn_mask, is_causal: bool, scale, softcap) -> torch.Tensor:
+    """Dense attention with SDPA's semantics (bool masks keep True, additive masks add,
+    is_causal is top-left aligned), plus an optional tanh softcap."""
+    from ..common import mask_to_4d
+
+    queries, num_keys = query.shape[2], key.shape[2]
+    allowed, bias = None, None
+    if attn_mask is not None:
+        mask = mask_to_4d(attn_mask)
+        if mask.dtype == torch.bool:
+            allowed = mask
+        else:
+            bias = mask
+    if is_causal:
+        causal = torch.ones(queries, num_keys, dtype=torch.bool, device=query.device).tril()
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is not None and allowed.shape[1] not in (1, key.shape[1]):
+        bias = _bool_to_bias(allowed) if bias is None else bias.masked_fill(~allowed, float("-inf"))
+        allowed = None
+    return masked_attention(query, key, value, allowed, bias, scale, softcap)
+
+
+def _bool_to_bias(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, float("-inf"))
