@@ -39,7 +39,7 @@ that records fill at most half of the prompt; never fewer than 16); one key is a
     QUERY KEY_MARK k VALUE_MARK
     answer: v v v
 
-``needle``  a needle among similar distractors: 4..8 needles named by two symbols
+``needle``  a needle among similar distractors: 5..8 needles named by two symbols
 (a, b), with a taken from 2 symbols and b from 4, so every needle shares a name symbol
 with others and only the pair identifies it; 4-digit values; one needle is asked::
 
@@ -85,7 +85,7 @@ KV_VALUE_DIGITS = 3
 KV_PAIRS = (16, 64)  # inclusive range of records per prompt
 KV_RECORD_LEN = 4 + KV_VALUE_DIGITS  # KEY_MARK k VALUE_MARK v v v SEP
 NEEDLE_DIGITS = 4
-NEEDLE_COUNT = (4, 8)  # inclusive range of needles per prompt
+NEEDLE_COUNT = (5, 8)  # inclusive range; with 5+ of the 2x4 names, each shares a symbol with another
 NEEDLE_A, NEEDLE_B = 2, 4  # name symbols: a from 2, b from 4 (2 * 4 >= max needles)
 
 # question lengths (tokens) and answer lengths per task
