@@ -1,0 +1,2 @@
+"""Capture routes: how a model reaches the GSA rewrite (torch.compile backend, torch.export,
+the Hugging Face attention interface)."""
