@@ -60,8 +60,11 @@ def load_backend(backend: str) -> Optional[str]:
             _LOADED[backend] = f"no backend named {backend!r}; backends are {sorted(BACKEND_MODULES)}"
         else:
             try:
-                importlib.import_module(module)
-                _LOADED[backend] = None
+                loaded = importlib.import_module(module)
+                # A module can import and still be unusable (a package installed but unable to
+                # load); it then says why through an optional availability() -> reason or None.
+                availability = getattr(loaded, "availability", None)
+                _LOADED[backend] = availability() if availability is not None else None
             except (ImportError, GSABackendUnavailable, RuntimeError) as exc:
                 _LOADED[backend] = f"{type(exc).__name__}: {exc}"
     return _LOADED[backend]
