@@ -90,7 +90,12 @@ def dense_reason(
     if num_keys < seq_len_threshold:
         return "short"
     if concurrency_threshold > 0:
-        rows = query.shape[0] if valid is None else int((valid.sum(-1) >= seq_len_threshold).sum())
+        # Counting long rows from the mask reads the device on the host, which a CUDA graph
+        # capture forbids: while capturing, every row counts as long (the cache has L keys).
+        if valid is None or (valid.is_cuda and torch.cuda.is_current_stream_capturing()):
+            rows = query.shape[0]
+        else:
+            rows = int((valid.sum(-1) >= seq_len_threshold).sum())
         if rows < concurrency_threshold:
             return "concurrency"
     return None
