@@ -1,0 +1,80 @@
+"""The torch.compile backend "gsa": rewrite every attention of the captured graph into GSA,
+then hand the graph on to a compiler (Inductor by default).
+
+    torch.compile(model, backend="gsa")                                  # derived config
+    torch.compile(model, backend="gsa", options={"config": "Qwen/Qwen3-4B"})
+    torch.compile(model, backend="gsa", options={"config": cfg, "compiler": "aot_eager"})
+
+The backend is registered through the `torch_dynamo_backends` entry point in pyproject.toml, so
+it works without importing gsa_compile first. Options:
+    config      GSAConfig, a shipped config name or a JSON path; None derives one per graph
+    compiler    "inductor" (default), "aot_eager" or "eager": what runs the rewritten graph
+    reports     a list; the Report of every compiled graph is appended to it
+    codes_state a CodesState shared by every graph of this compiled model (created on first use
+                and kept in the options dict, so recompiles keep the codes already computed)
+    config_derived  True when `config` was derived for the model (GSAConfig.for_model) and
+                may be re-derived with the number of sites found"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from ..config import GSAConfig, load_config
+from ..errors import GSAConfigError
+from ..passes import PassContext, run_pipeline
+from ..passes.codes_state import new_state
+
+logger = logging.getLogger(__name__)
+
+COMPILERS = ("inductor", "aot_eager", "eager")
+OPTIONS = ("config", "compiler", "reports", "codes_state", "config_derived")
+
+
+def resolve_config_option(config: Any) -> Optional[GSAConfig]:
+    """A GSAConfig from a GSAConfig, a shipped config name, a JSON path, or None."""
+    if config is None or isinstance(config, GSAConfig):
+        return config
+    if isinstance(config, str):
+        return load_config(config)
+    raise GSAConfigError(
+        f"config must be a GSAConfig, a shipped config name or a JSON path, got {type(config).__name__}"
+    )
+
+
+def gsa_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
+    """torch.compile backend: GSA passes, then the chosen compiler."""
+    options = {} if options is None else options
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise GSAConfigError(f"unknown gsa backend option(s) {unknown}; options are {list(OPTIONS)}")
+    compiler = options.get("compiler", "inductor")
+    if compiler not in COMPILERS:
+        raise GSAConfigError(f"gsa backend option compiler must be one of {list(COMPILERS)}, got {compiler!r}")
+    state = options.setdefault("codes_state", new_state()) if isinstance(options, dict) else new_state()
+    context = PassContext(
+        route="torch.compile",
+        config=resolve_config_option(options.get("config")),
+        config_derived=bool(options.get("config_derived", False)),
+        whole_model=False,
+        state=state,
+    )
+    gm = run_pipeline(gm, context)
+    if options.get("reports") is not None:
+        options["reports"].append(context.report)
+    return hand_on(gm, example_inputs, compiler)
+
+
+def hand_on(gm: fx.GraphModule, example_inputs, compiler: str):
+    """Compile the rewritten graph with `compiler` (a registered dynamo backend name)."""
+    if compiler == "eager":
+        return gm.forward
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(compiler)(gm, example_inputs)
+
+
+__all__ = ["gsa_backend", "hand_on", "resolve_config_option", "COMPILERS"]

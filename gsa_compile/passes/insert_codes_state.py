@@ -1,0 +1,96 @@
+"""Pass: keep each non-dense site's key codes beside the KV cache that feeds its keys.
+
+The pass looks at what produces the site's (un-repeated) keys:
+- torch.cat([past, new], dim=2)                  a growing cache -> gsa::cached_codes_cat
+- cache.index_copy(2, index, new), or an in-place
+  cache.index_copy_(2, index, new) before the site a static cache  -> gsa::cached_codes_index_copy
+and inserts the matching codes update (codes of `new` only) next to the cache update, on the
+codes state the rewritten graph owns (passes/codes_state.py). Key norms get the same treatment
+when config.key_norm_weighting. Anything else is the no-cache case: the site encodes its keys
+at call time (a module handed the whole K each call has nothing to remember).
+The hash weight of each site becomes a buffer of the graph module."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..hashing import layer_hash_weight
+from . import codes_state  # noqa: F401  (registers the gsa::cached_codes_* ops)
+from .context import PassContext
+from .fx_utils import arg, is_op, normalize_dim, shape, value
+
+SEQUENCE_DIM = 2
+
+
+def site_key_geometry(match) -> tuple[int, int, torch.device]:
+    """(KV heads, key dim, device) of a site's keys in BHSD."""
+    if match.projection is not None:
+        embed = shape(match.query)[-1]
+        heads = match.projection["num_heads"]
+        return heads, embed // heads, value(match.query).device
+    dims = shape(match.key)
+    if match.key_permute is not None:
+        dims = tuple(dims[i] for i in match.key_permute)
+    if match.key_transposed:
+        dims = (*dims[:-2], dims[-1], dims[-2])
+    heads = dims[1] if len(dims) == 4 else 1
+    return heads, dims[-1], value(match.key).device
+
+
+def cache_update_of(match, order: dict):
+    """("cat", past, new) | ("index_copy", cache, index, new) | None for the site's keys."""
+    if match.projection is not None or match.key_permute is not None or match.key_transposed:
+        return None
+    key = match.key
+    if len(shape(key) or ()) != 4:
+        return None
+    if is_op(key, "cat"):
+        tensors = arg(key, 0, "tensors")
+        dim = arg(key, 1, "dim", 0)
+        if isinstance(tensors, (list, tuple)) and len(tensors) == 2 and isinstance(dim, int) \
+                and normalize_dim(dim, 4) == SEQUENCE_DIM:
+            return "cat", tensors[0], tensors[1]
+        return None
+    if is_op(key, "index_copy"):
+        return _index_copy(key, key)
+    # An in-place update of a cache buffer the site then reads.
+    for user in key.users:
+        if is_op(user, "index_copy_") and order[user] < order[match.output]:
+            return _index_copy(user, key)
+    return None
+
+
+def _index_copy(update: fx.Node, cache: fx.Node):
+    dim, index, new = arg(update, 1, "dim"), arg(update, 2, "index"), arg(update, 3, "source")
+    if not isinstance(dim, int) or normalize_dim(dim, 4) != SEQUENCE_DIM:
+        return None
+    return "index_copy", cache, index, new
+
+
+def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
+    if not context.rewrite:
+        return gm
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    by_layer = {match.layer: match for match in context.matches}
+    for layer in context.rewrite_order:
+        match = by_layer[layer]
+        heads, key_dim, device = site_key_geometry(match)
+        name = f"gsa_hash_weight_{layer}"
+        gm.register_buffer(name, layer_hash_weight(context.config, layer, heads, key_dim).to(device))
+        with gm.graph.inserting_before(match.output):
+            weight = gm.graph.get_attr(name)
+        context.weights[layer] = weight
+        update = None if context.policies[layer] == "reuse" else cache_update_of(match, order)
+        if update is None:
+            context.codes[layer] = (None, None, "reuse" if context.policies[layer] == "reuse" else "call time")
+            continue
+        kind, *operands = update
+        op = torch.ops.gsa.cached_codes_cat.default if kind == "cat" else torch.ops.gsa.cached_codes_index_copy.default
+        quantities = ("codes", "norms") if context.config.key_norm_weighting else ("codes",)
+        made = []
+        with gm.graph.inserting_before(match.output):
+            for what in quantities:
+                made.append(gm.graph.call_function(op, (*operands, weight, context.state.id, layer, what)))
+        context.codes[layer] = (made[0], made[1] if len(made) > 1 else None, kind)
+    return gm

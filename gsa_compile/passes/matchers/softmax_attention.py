@@ -1,0 +1,344 @@
+"""Rule: hand-written attention, scores -> softmax -> weighted sum of values.
+
+Pattern (anchored at the softmax over the last axis):
+    scores = q @ k^T   (matmul / bmm / einsum, BHSD or BSHD, 3-D with heads folded)
+    scores = scores * c | scores / c            (any number, constants; none = pre-scaled q)
+    scores = tanh(scores / cap) * cap           (optional softcap)
+    scores = scores + mask | scores.masked_fill(cond, -inf) | where(keep, scores, -inf)
+    probs  = softmax(scores [.float()], -1) [.to(q.dtype)] [dropout(p=0 or eval)]
+    out    = probs @ v  (matmul / bmm / einsum)
+Casts between float dtypes may sit anywhere in the chain (GSA computes in float32).
+Check: every intermediate has one user (scores and probabilities are not read elsewhere), scale
+before softcap before mask, masks fill with -inf (or a value <= -1e4) and softmax is over keys.
+Rewrite record: q, k (repeat unwrapped, layout permutations), v, mask, scale, softcap."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+from torch import fx
+
+from ..fx_utils import arg, bound_args, dtype, is_op, module_path, normalize_dim, op_name, real_users, shape
+from .record import AttentionMatch, NotProvable
+from .repeat_kv import unwrap_repeat
+
+PRODUCTS = ("matmul", "bmm", "einsum")
+# A fill at or below this is "masked": softmax gives such keys weight exp(-1e4) ~ 0 in any dtype.
+MASK_FILL_LIMIT = -1e4
+
+
+def match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
+    if not is_op(node, "softmax"):
+        return None
+    scores_shape = shape(node)
+    if scores_shape is None or len(scores_shape) not in (3, 4):
+        return None
+    dim = arg(node, 1, "dim")
+    if not isinstance(dim, int) or normalize_dim(dim, len(scores_shape)) != len(scores_shape) - 1:
+        return NotProvable(node, f"softmax over dim {dim}, not over the keys (last axis)")
+    pv = _down_to_weighted_sum(node)
+    if isinstance(pv, NotProvable) or pv is None:
+        return pv
+    pv_node, probs_input = pv
+    chain = _up_to_scores(node.args[0])
+    if isinstance(chain, NotProvable):
+        return chain
+    qk_node, steps = chain
+    if not is_op(qk_node, *PRODUCTS):
+        return None
+    record = _scores_record(qk_node, steps, node)
+    if isinstance(record, NotProvable):
+        return record
+    return _finish(record, qk_node, pv_node, probs_input, node)
+
+
+def _single_user(node: fx.Node) -> Optional[fx.Node]:
+    users = real_users(node)
+    return users[0] if len(users) == 1 else None
+
+
+def _down_to_weighted_sum(softmax: fx.Node):
+    """Follow casts and no-op dropout to the product with values: (pv_node, probs operand)."""
+    current = softmax
+    while True:
+        user = _single_user(current)
+        if user is None:
+            return NotProvable(softmax, "attention probabilities are read elsewhere too (returned or reused); "
+                                        "replacing them is not equivalent")
+        if is_op(user, "cast"):
+            current = user
+            continue
+        if is_op(user, "dropout"):
+            reason = _dropout_is_identity(user)
+            if reason:
+                return NotProvable(softmax, reason)
+            current = user
+            continue
+        if is_op(user, *PRODUCTS):
+            return user, current
+        return None
+
+
+def _dropout_is_identity(node: fx.Node) -> str:
+    args = bound_args(node)
+    p = args.get("p", args.get("1", 0.5))
+    train = args.get("train", args.get("training", args.get("2", True)))
+    if (isinstance(p, (int, float)) and p == 0) or train is False:
+        return ""
+    return f"dropout(p={p}, training={train}) on attention probabilities is not an identity"
+
+
+def _up_to_scores(node):
+    """Walk from the softmax input to the q @ k^T product: (product node, steps nearest-first)."""
+    steps = []
+    current = node
+    while isinstance(current, fx.Node) and not is_op(current, *PRODUCTS):
+        name = op_name(current)
+        if name == "cast":
+            steps.append(("cast", current, None))
+            nxt = current.args[0]
+        elif name in ("mul", "div"):
+            tensor_arg, const = _tensor_and_constant(current)
+            if tensor_arg is None:
+                return NotProvable(current, f"{name} by a tensor between scores and softmax: not a constant scale")
+            softcap = _softcap_of(current) if name == "mul" else None
+            if softcap is not None:
+                steps.append(("softcap", current, softcap[1]))
+                nxt = softcap[0]
+            else:
+                steps.append(("scale", current, const if name == "mul" else 1.0 / const))
+                nxt = tensor_arg
+        elif name == "add":
+            left, right = current.args[0], current.args[1] if len(current.args) > 1 else current.kwargs.get("other")
+            scores_side, mask = _pick_scores_side(left, right)
+            if scores_side is None:
+                return None
+            if bound_args(current).get("alpha", 1) not in (1, None):
+                return NotProvable(current, "add with alpha != 1 on scores")
+            steps.append(("add_mask", current, mask))
+            nxt = scores_side
+        elif name == "masked_fill":
+            fill = current.args[2] if len(current.args) > 2 else current.kwargs.get("value")
+            if not _is_mask_fill(fill):
+                return NotProvable(current, f"masked_fill value {fill!r} is not -inf or <= {MASK_FILL_LIMIT}")
+            steps.append(("fill_mask", current, current.args[1]))
+            nxt = current.args[0]
+        elif name == "where":
+            cond, keep, fill = (list(current.args) + [None] * 3)[:3]
+            if not _is_mask_fill(fill):
+                return NotProvable(current, f"where(..., {fill!r}) is not a mask fill with -inf or <= {MASK_FILL_LIMIT}")
+            steps.append(("keep_mask", current, cond))
+            nxt = keep
+        else:
+            return None
+        if len(real_users(current)) != 1:
+            return NotProvable(current, "attention scores are read elsewhere too; replacing them is not equivalent")
+        current = nxt
+    if not isinstance(current, fx.Node):
+        return None
+    if len(real_users(current)) != 1:
+        return NotProvable(current, "attention scores are read elsewhere too; replacing them is not equivalent")
+    return current, steps
+
+
+def _tensor_and_constant(node: fx.Node):
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return a, float(b)
+    if node.op == "call_function" and op_name(node) == "mul" and isinstance(b, fx.Node) and isinstance(a, (int, float)):
+        return b, float(a)
+    return None, None
+
+
+def _softcap_of(node: fx.Node):
+    """(input, cap) when node is tanh(x / cap) * cap or tanh(x * (1/cap)) * cap."""
+    inner, cap = _tensor_and_constant(node)
+    if inner is None or not is_op(inner, "tanh") or len(real_users(inner)) != 1:
+        return None
+    divided = inner.args[0]
+    if not isinstance(divided, fx.Node) or len(real_users(divided)) != 1:
+        return None
+    source, const = _tensor_and_constant(divided)
+    if source is None:
+        return None
+    inverse = 1.0 / const if op_name(divided) == "mul" else const
+    if op_name(divided) not in ("mul", "div") or not math.isclose(inverse, cap, rel_tol=1e-6):
+        return None
+    return source, cap
+
+
+def _pick_scores_side(left, right):
+    """(scores operand, mask operand) of an add: the scores side leads down to a product."""
+    for scores_side, mask in ((left, right), (right, left)):
+        if isinstance(scores_side, fx.Node) and _leads_to_product(scores_side):
+            return scores_side, mask
+    return None, None
+
+
+def _leads_to_product(node: fx.Node) -> bool:
+    while isinstance(node, fx.Node):
+        if is_op(node, *PRODUCTS):
+            return True
+        if op_name(node) not in ("cast", "mul", "div", "add", "masked_fill", "where", "tanh"):
+            return False
+        node = node.args[1] if op_name(node) == "where" else node.args[0]
+    return False
+
+
+def _is_mask_fill(fill) -> bool:
+    return isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill <= MASK_FILL_LIMIT
+
+
+def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
+    """Scale, softcap and mask from the steps, read from the product towards the softmax."""
+    scale, softcap, mask, mask_kind = 1.0, None, None, ""
+    for kind, node, payload in reversed(steps):
+        if kind == "cast":
+            continue
+        if kind == "scale":
+            if softcap is not None or mask is not None:
+                return NotProvable(node, "scores are scaled after the softcap or the mask; SDPA scales first")
+            scale *= payload
+        elif kind == "softcap":
+            if mask is not None or softcap is not None:
+                return NotProvable(node, "softcap applied after the mask (or twice)")
+            softcap = payload
+        else:
+            if mask is not None:
+                return NotProvable(node, "more than one mask is applied to the scores; combine them into one")
+            mask, mask_kind = payload, kind
+    if mask_kind == "add_mask" and not _is_float_tensor(mask):
+        return NotProvable(softmax, "the tensor added to the scores is not a float mask")
+    return scale, softcap, mask, mask_kind
+
+
+def _is_float_tensor(node) -> bool:
+    dt = dtype(node)
+    return dt is not None and dt.is_floating_point
+
+
+def _finish(record, qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node, softmax: fx.Node):
+    scale, softcap, mask, mask_kind = record
+    layout = _layout_of(qk_node, pv_node, probs_input)
+    if isinstance(layout, NotProvable):
+        return layout
+    query, key, value, permutes, key_transposed, rank = layout
+    match = AttentionMatch(
+        pattern=f"{op_name(qk_node)}_softmax",
+        output=pv_node,
+        query=query,
+        key=key,
+        value=value,
+        attn_mask=mask,
+        invert_mask=mask_kind == "fill_mask",
+        scale=scale,
+        softcap=softcap,
+        layout="3d" if rank == 3 else ("bshd" if permutes[0] is not None else "bhsd"),
+        query_permute=permutes[0],
+        key_permute=permutes[1],
+        value_permute=permutes[2],
+        output_permute=permutes[3],
+        key_transposed=key_transposed,
+        module_path=module_path(softmax),
+        nodes=[qk_node, softmax, pv_node],
+    )
+    if rank == 4 and match.key_permute is None and not key_transposed:
+        source, groups, how = unwrap_repeat(key)
+        value_source, value_groups, _ = unwrap_repeat(value) if match.value_permute is None else (value, 1, "")
+        if groups > 1 and value_groups == groups:
+            match.key, match.value, match.gqa_unwrapped = source, value_source, how
+    return _check_heads(match, softmax)
+
+
+def _layout_of(qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node):
+    """(q, k, v, [q_perm, k_perm, v_perm, out_perm], key_transposed, rank) or NotProvable."""
+    if is_op(qk_node, "einsum"):
+        return _einsum_layout(qk_node, pv_node, probs_input)
+    if is_op(pv_node, "einsum"):
+        return NotProvable(pv_node, "scores from a matmul but values summed by einsum; mixed spellings not proven")
+    query, key_t = qk_node.args[0], qk_node.args[1]
+    if pv_node.args[0] is not probs_input:
+        return NotProvable(pv_node, "probabilities are the right operand of the value product (v @ p)")
+    value = pv_node.args[1]
+    rank = len(shape(query) or ())
+    if rank not in (3, 4) or len(shape(key_t) or ()) != rank or len(shape(value) or ()) != rank:
+        return NotProvable(qk_node, "scores product operands are not all 3-D or all 4-D (broadcast products)")
+    key = _untransposed(key_t, rank)
+    return query, key if key is not None else key_t, value, [None] * 4, key is None, rank
+
+
+def _untransposed(node: fx.Node, rank: int) -> Optional[fx.Node]:
+    """k when node is k with its last two axes swapped."""
+    if is_op(node, "transpose"):
+        dims = sorted(normalize_dim(d, rank) for d in node.args[1:3] if isinstance(d, int))
+        if dims == [rank - 2, rank - 1]:
+            return node.args[0]
+    if is_op(node, "permute"):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if [normalize_dim(d, rank) for d in dims] == list(range(rank - 2)) + [rank - 1, rank - 2]:
+            return node.args[0]
+    return None
+
+
+def _einsum_operands(node: fx.Node):
+    equation = node.args[0]
+    operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    return equation.replace(" ", ""), list(operands)
+
+
+def _einsum_layout(qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node):
+    equation, operands = _einsum_operands(qk_node)
+    if "..." in equation or "->" not in equation or len(operands) != 2:
+        return NotProvable(qk_node, f"einsum {equation!r}: only explicit two-operand equations are read")
+    (a, b), out = equation.split("->")[0].split(","), equation.split("->")[1]
+    contracted = (set(a) & set(b)) - set(out)
+    q_letter = [c for c in out if c in a and c not in b]
+    k_letter = [c for c in out if c in b and c not in a]
+    batch = [c for c in out if c in a and c in b]
+    if len(contracted) != 1 or len(q_letter) != 1 or len(k_letter) != 1 or out[-2:] != q_letter[0] + k_letter[0] \
+            or len(set(a)) != len(a) or len(set(b)) != len(b) or len(batch) + 2 != len(out) or len(batch) not in (1, 2) \
+            or set(a) != set(batch) | set(q_letter) | contracted or set(b) != set(batch) | set(k_letter) | contracted:
+        return NotProvable(qk_node, f"einsum {equation!r} is not q . k over one feature axis with scores [..., q, k]")
+    d = contracted.pop()
+    q_perm = [a.index(c) for c in batch + q_letter + [d]]
+    k_perm = [b.index(c) for c in batch + k_letter + [d]]
+    if not is_op(pv_node, "einsum"):
+        return NotProvable(pv_node, "scores from einsum but values summed by matmul; mixed spellings not proven")
+    pv_equation, pv_operands = _einsum_operands(pv_node)
+    if "..." in pv_equation or len(pv_operands) != 2 or pv_operands[0] is not probs_input:
+        return NotProvable(pv_node, f"einsum {pv_equation!r}: probabilities must be the first of two operands")
+    (p, v), o = pv_equation.split("->")[0].split(","), pv_equation.split("->")[1]
+    p_batch, p_q, p_k = list(p[:-2]), p[-2], p[-1]
+    e_letters = [c for c in v if c not in p]
+    if len(p) != len(out) or len(e_letters) != 1 or set(v) != set(p_batch) | {p_k} | set(e_letters) \
+            or set(o) != set(p_batch) | {p_q} | set(e_letters) or len(o) != len(p) or len(set(v)) != len(v):
+        return NotProvable(pv_node, f"einsum {pv_equation!r} is not probabilities [..., q, k] times values over k")
+    e = e_letters[0]
+    v_perm = [v.index(c) for c in p_batch + [p_k, e]]
+    result = p_batch + [p_q, e]
+    out_perm = [result.index(c) for c in o]
+    identity = list(range(len(out)))
+    permutes = [None if perm == identity else perm for perm in (q_perm, k_perm, v_perm, out_perm)]
+    return operands[0], operands[1], pv_operands[1], permutes, False, len(out)
+
+
+def _check_heads(match: AttentionMatch, softmax: fx.Node):
+    q_shape, k_shape = shape(match.query), shape(match.key)
+    if q_shape is None or k_shape is None:
+        return NotProvable(softmax, "the capture recorded no shapes for query/key")
+    q_shape = _permuted(q_shape, match.query_permute)
+    k_shape = _permuted(k_shape, match.key_permute)
+    if match.key_transposed:
+        k_shape = (*k_shape[:-2], k_shape[-1], k_shape[-2])
+    if q_shape[0] != k_shape[0]:
+        return NotProvable(softmax, f"query batch {q_shape[0]} != key batch {k_shape[0]} (broadcast product)")
+    if len(q_shape) == 4:
+        if not isinstance(k_shape[1], int) or k_shape[1] < 1 or q_shape[1] % k_shape[1]:
+            return NotProvable(softmax, f"query heads {q_shape[1]} are not a multiple of key heads {k_shape[1]}")
+        match.gqa_groups = q_shape[1] // k_shape[1]
+    return match
+
+
+def _permuted(dims: tuple, perm: Optional[list]) -> tuple:
+    return dims if perm is None else tuple(dims[i] for i in perm)
