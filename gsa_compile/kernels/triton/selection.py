@@ -1,0 +1,95 @@
+"""gsa::select_blocks on Triton: encode the query, score blocks from packed codes, then a
+top-k per (batch row, KV head) that needs no sort and no host synchronisation.
+
+The top-k finds the k-th largest score by building its order-preserving 64-bit key one bit
+at a time (64 counting passes over the row, all in registers), takes every block above it and
+the lowest-indexed blocks equal to it (ties to the lower index, as the reference's stable
+sort), and writes the chosen indices in ascending order by a prefix sum, -1 after them.
+Output size is fixed by num_blocks, so the whole selection replays inside a CUDA graph."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import ceil_div
+from . import runtime
+from .hash_encode import encode, encode_supports
+from .block_scores import block_scores, block_scores_reason
+
+# One program holds a whole row of block scores in registers.
+MAX_ROW_BLOCKS = 1 << 15
+
+
+@triton.jit
+def _top_blocks_kernel(scores_ptr, out_ptr, n_blocks, num_blocks, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    index = tl.arange(0, BLOCK_N)
+    scores = tl.load(scores_ptr + row * n_blocks + index, mask=index < n_blocks, other=float("-inf"))
+    selectable = scores > float("-inf")
+    # Order-preserving map of float64 onto int64: negatives flip every bit but the sign.
+    bits = scores.to(tl.int64, bitcast=True)
+    keys = tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+
+    wanted = tl.minimum(num_blocks, tl.sum(selectable.to(tl.int32), axis=0))
+    # The k-th largest key, built from the top bit down: in two's complement setting a lower
+    # bit always raises the value, so each bit is kept when enough keys are still >= it.
+    non_negative = tl.sum((keys >= 0).to(tl.int32), axis=0) >= wanted
+    threshold = tl.where(non_negative, 0, -9223372036854775807 - 1).to(tl.int64)
+    one = tl.full([], 1, dtype=tl.int64)
+    for i in range(63):
+        candidate = threshold | (one << (62 - i))
+        at_least = tl.sum((keys >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(at_least >= wanted, candidate, threshold)
+
+    above = selectable & (keys > threshold)
+    tied = selectable & (keys == threshold)
+    room = wanted - tl.sum(above.to(tl.int32), axis=0)
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
+    slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + row * num_blocks + slot, index.to(tl.int32), mask=chosen)
+
+    tail = tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + row * num_blocks + tail, tl.full([BLOCK_K], -1, dtype=tl.int32),
+             mask=(tail >= wanted) & (tail < num_blocks))
+
+
+def top_blocks(scores: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """float64 [B, H, n] (+inf must-select, -inf never) -> int32 [B, H, num_blocks]."""
+    batch, heads, n_blocks = scores.shape
+    scores = scores.contiguous()
+    out = torch.empty((batch, heads, num_blocks), dtype=torch.int32, device=scores.device)
+    block_n = max(16, runtime.next_power_of_2(n_blocks))
+    _top_blocks_kernel[(batch * heads,)](
+        scores, out, n_blocks, num_blocks,
+        BLOCK_N=block_n, BLOCK_K=max(16, runtime.next_power_of_2(num_blocks)),
+        num_warps=4 if block_n <= 2048 else 8,
+    )
+    return out
+
+
+def select_blocks(
+    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope
+) -> torch.Tensor:
+    query_codes = encode(query, weight)
+    scores = block_scores(query_codes, key_codes, valid, key_norms, chunk_size, must_select, repre)
+    if scope == "shared":
+        shared = top_blocks(scores.amax(dim=1, keepdim=True), num_blocks)
+        return shared.expand(-1, key_codes.shape[1], -1).contiguous()
+    return top_blocks(scores, num_blocks)
+
+
+def select_blocks_supports(
+    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select: Sequence[int], repre, scope
+) -> Optional[str]:
+    n_blocks = ceil_div(key_codes.shape[2], chunk_size)
+    return runtime.first_reason(
+        runtime.device_reason(query, key_codes, valid, key_norms),
+        encode_supports(query, weight),
+        block_scores_reason(key_codes.shape[2], chunk_size, must_select, query.shape[1] // key_codes.shape[1]),
+        None if n_blocks <= MAX_ROW_BLOCKS else f"{n_blocks} blocks per row; the Triton top-k holds at most {MAX_ROW_BLOCKS}",
+        None if num_blocks <= MAX_ROW_BLOCKS else f"num_blocks={num_blocks}; the Triton top-k writes at most {MAX_ROW_BLOCKS}",
+    )

@@ -1,0 +1,207 @@
+"""Triton kernels against the reference: selection exactly, attention to rounding.
+
+Sizes are small on CPU (interpreter) and real on CUDA (see conftest.py)."""
+
+import pytest
+import torch
+
+import gsa_compile
+from gsa_compile import functional as F
+from gsa_compile.hashing import hash_weights
+from gsa_compile.kernels import choose_kernel
+from gsa_compile.kernels import reference as ref
+from gsa_compile.kernels.triton import decode_attention as triton_attention
+from gsa_compile.kernels.triton import hash_encode as triton_encode
+from gsa_compile.kernels.triton import selection as triton_select
+
+# Relative error allowed against a float64 reference: the output's own rounding plus
+# bf16/fp16 probabilities inside the kernel.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def relative_error(out, expected):
+    out, expected = out.double(), expected.double()
+    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def scaled(real_sizes, small, real):
+    return real if real_sizes else small
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(20261128)
+
+
+def randn(gen, *shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------ encode
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,bits", [(4, 2, 64, 128), (2, 2, 192, 72), (3, 1, 128, 16)])
+def test_encode_matches_reference_away_from_zero(gen, device, real_sizes, dtype, heads, kv_heads, dim, bits):
+    length = scaled(real_sizes, 37, 4099)
+    x = randn(gen, 2, heads, length, dim, dtype=dtype, device=device)
+    weight = hash_weights(kv_heads, dim, bits, seed=3).to(device)
+    codes = triton_encode.encode(x, weight)
+    expected = ref.encode(x, weight)
+    assert codes.dtype == torch.uint8 and codes.shape == expected.shape
+    # Signs may only differ where the projection is within float32 rounding of zero.
+    projected = torch.einsum("bhld,hdr->bhlr", x.double(), weight.double().repeat_interleave(heads // kv_heads, 0))
+    differing = ref.unpack_codes(codes) != ref.unpack_codes(expected)
+    assert not differing[projected.abs() > 1e-4].any()
+
+
+def test_encode_into_writes_only_the_given_positions(gen, device):
+    weight = hash_weights(2, 64, 128, seed=1).to(device)
+    cache = torch.full((1, 2, 50, 16), 7, dtype=torch.uint8, device=device)
+    keys = randn(gen, 1, 2, 5, 64, device=device)
+    triton_encode.encode_into(keys, weight, cache[:, :, 20:25])
+    assert torch.equal(cache[:, :, 20:25], ref.encode(keys, weight))
+    assert (cache[:, :, :20] == 7).all() and (cache[:, :, 25:] == 7).all()
+
+
+# ------------------------------------------------------------------------------ selection
+SELECT_CASES = [
+    # batch, q_heads, kv_heads, keys, dim, bits, chunk, k, repre, norms, masked, must, scope
+    (2, 8, 2, 300, 64, 64, 16, 5, "max", False, True, (0, -2, -1), "per_head"),
+    (1, 4, 4, 100, 32, 32, 8, 4, "sum", True, True, (0, -2, -1), "per_head"),
+    (2, 6, 2, 77, 64, 32, 16, 3, "min", False, False, (0, -1), "shared"),
+    (1, 3, 1, 130, 64, 8, 4, 40, "max", False, False, (0, 3, -1, -3, 5, 0), "per_head"),
+    (2, 4, 2, 50, 32, 16, 8, 12, "sum", False, True, (), "per_head"),
+]
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: f"{c[8]}-{c[12]}-k{c[7]}")
+def test_select_blocks_equals_reference(gen, device, real_sizes, case):
+    batch, q_heads, kv_heads, num_keys, dim, bits, chunk, k, repre, norms, masked, must, scope = case
+    if real_sizes:
+        num_keys, chunk, k = num_keys * 64 + 17, 128, max(k, len(must))
+    query = randn(gen, batch, q_heads, 1, dim, device=device)
+    keys = randn(gen, batch, kv_heads, num_keys, dim, device=device)
+    weight = hash_weights(kv_heads, dim, bits, seed=5).to(device)
+    codes = ref.encode(keys, weight)
+    valid = (torch.rand(batch, num_keys, generator=gen) > 0.3).to(device) if masked else None
+    if valid is not None:
+        valid[-1] = False  # a row with no valid key selects nothing
+    key_norms = F.key_norms(keys) if norms else None
+    args = (query, codes, weight, valid, key_norms, chunk, k, list(must), repre, scope)
+    blocks = triton_select.select_blocks(*args)
+    assert blocks.dtype == torch.int32
+    assert torch.equal(blocks, ref.select_blocks(*args))
+
+
+def test_top_blocks_breaks_ties_to_the_lower_index(device):
+    scores = torch.tensor([[[1.0, 3.0, 3.0, float("-inf"), 3.0, float("inf"), 2.0, 3.0]]], dtype=torch.float64)
+    blocks = triton_select.top_blocks(scores.to(device), 4)
+    assert blocks.tolist() == [[[1, 2, 4, 5]]]
+    blocks = triton_select.top_blocks(scores.to(device), 9)
+    assert blocks.tolist() == [[[0, 1, 2, 4, 5, 6, 7, -1, -1]]]
+
+
+# ------------------------------------------------------------------------------ attention
+ATTENTION_CASES = [
+    # q_heads, kv_heads, dim, dim_v, chunk, k, mask kind, softcap
+    (8, 2, 64, 64, 16, 5, "valid", None),
+    (4, 4, 128, 128, 32, 3, "bias_shared", None),
+    (12, 4, 192, 128, 16, 4, "bias_per_head", 30.0),
+    (3, 1, 256, 256, 8, 6, "none", None),
+    (5, 5, 64, 32, 16, 2, "valid", 5.0),
+]
+
+
+def make_mask(kind, gen, batch, q_heads, num_keys, device):
+    if kind == "valid":
+        valid = torch.rand(batch, num_keys, generator=gen) > 0.4
+        return valid.to(device), None
+    if kind == "none":
+        return None, None
+    heads = 1 if kind == "bias_shared" else q_heads
+    bias = torch.randn(batch, heads, 1, num_keys, generator=gen)
+    bias = bias.masked_fill(torch.rand(bias.shape, generator=gen) > 0.7, float("-inf"))
+    return None, bias.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"g{c[0] // c[1]}-d{c[2]}-dv{c[3]}-{c[6]}")
+def test_sparse_attention_matches_reference(gen, device, real_sizes, dtype, case):
+    q_heads, kv_heads, dim, dim_v, chunk, k, mask_kind, softcap = case
+    batch, num_keys = 2, 90
+    if real_sizes:
+        batch, num_keys, chunk, k = 4, 16_411, 128, 16 * k
+    query = randn(gen, batch, q_heads, 1, dim, dtype=dtype, device=device)
+    keys = randn(gen, batch, kv_heads, num_keys, dim, dtype=dtype, device=device)
+    values = randn(gen, batch, kv_heads, num_keys, dim_v, dtype=dtype, device=device)
+    n_blocks = -(-num_keys // chunk)
+    scores = torch.rand(batch, kv_heads, n_blocks, generator=gen, dtype=torch.float64)
+    blocks = ref.top_blocks(scores, [0, -1], min(k, n_blocks)).to(device)
+    blocks[0, 0, -1] = -1  # a padded slot
+    valid, bias = make_mask(mask_kind, gen, batch, q_heads, num_keys, device)
+    out = triton_attention.sparse_attention(query, keys, values, blocks, valid, bias, chunk, 0.3, softcap)
+    expected = ref.sparse_attention(query.double(), keys.double(), values.double(), blocks, valid, bias, chunk, 0.3, softcap)
+    assert out.dtype == dtype and out.shape == (batch, q_heads, 1, dim_v)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+def test_head_with_no_attendable_key_returns_zeros(gen, device):
+    query = randn(gen, 1, 4, 1, 64, device=device)
+    keys = randn(gen, 1, 2, 40, 64, device=device)
+    values = randn(gen, 1, 2, 40, 64, device=device)
+    blocks = torch.tensor([[[0, 2], [1, -1]]], dtype=torch.int32, device=device)
+    valid = torch.ones(1, 40, dtype=torch.bool, device=device)
+    valid[0, 16:32] = False  # block 1 of chunk 16: KV head 1 sees nothing
+    out = triton_attention.sparse_attention(query, keys, values, blocks, valid, None, 16, None, None)
+    expected = ref.sparse_attention(query, keys, values, blocks, valid, None, 16, None, None)
+    assert torch.equal(out[:, 2:], torch.zeros_like(out[:, 2:]))
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+
+
+def test_all_blocks_selected_equals_dense_sdpa(gen, device, real_sizes):
+    num_keys = scaled(real_sizes, 70, 8200)
+    query = randn(gen, 2, 8, 1, 64, dtype=torch.float16, device=device)
+    keys = randn(gen, 2, 2, num_keys, 64, dtype=torch.float16, device=device)
+    values = randn(gen, 2, 2, num_keys, 64, dtype=torch.float16, device=device)
+    n_blocks = -(-num_keys // 16)
+    blocks = torch.arange(n_blocks, dtype=torch.int32, device=device).expand(2, 2, n_blocks).contiguous()
+    out = triton_attention.sparse_attention(query, keys, values, blocks, None, None, 16, None, None)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), keys.float().repeat_interleave(4, 1), values.float().repeat_interleave(4, 1))
+    assert relative_error(out, dense) < TOLERANCE[torch.float16]
+
+
+# ------------------------------------------------------------------------------ dispatch
+def test_dispatcher_routes_to_triton_and_declines_float64(device):
+    query = torch.zeros(1, 4, 1, 64, device=device)
+    keys = torch.zeros(1, 2, 32, 64, device=device)
+    blocks = torch.zeros(1, 2, 1, dtype=torch.int32, device=device)
+    with gsa_compile.use_backend("triton"):
+        kernel = choose_kernel("sparse_attention", device, query, keys, keys, blocks, None, None, 16, None, None)
+        assert kernel.backend == "triton"
+        as_double = [t.double() for t in (query, keys, keys)]
+        kernel = choose_kernel("sparse_attention", device, *as_double, blocks, None, None, 16, None, None)
+        assert kernel.backend == "reference"
+    assert "float64" in triton_attention.sparse_attention_supports(*as_double, blocks, None, None, 16, None, None)
+
+
+def test_gsa_attention_through_the_ops_matches_reference(gen, device, real_sizes):
+    num_keys = scaled(real_sizes, 200, 32_768 + 5)
+    dtype = torch.bfloat16
+    query = randn(gen, 2, 8, 1, 128, dtype=dtype, device=device)
+    keys = randn(gen, 2, 2, num_keys, 128, dtype=dtype, device=device)
+    values = randn(gen, 2, 2, num_keys, 128, dtype=dtype, device=device)
+    weight = hash_weights(2, 128, 128, seed=9).to(device)
+    mask = torch.ones(2, 1, 1, num_keys, dtype=torch.bool, device=device)
+    mask[1, ..., : num_keys // 3] = False  # left padding of the second row
+    chunk, budget = (128, 2048) if real_sizes else (16, 64)
+    codes = ref.encode(keys, weight)
+    with gsa_compile.use_backend("triton"):
+        out, blocks = F.gsa_attention(query, keys, values, weight, key_codes=codes, chunk_size=chunk,
+                                      budget_tokens=budget, attn_mask=mask, return_blocks=True)
+    k = F.num_selected_blocks(num_keys, chunk, budget_tokens=budget)
+    valid = mask[:, 0, 0]
+    expected_blocks = ref.select_blocks(query, codes, weight, valid, None, chunk, k, [0, -2, -1], "max", "per_head")
+    assert torch.equal(blocks[..., :k], expected_blocks) and (blocks[..., k:] == -1).all()
+    expected = ref.sparse_attention(query.double(), keys.double(), values.double(), expected_blocks, valid, None,
+                                    chunk, None, None)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
