@@ -1,0 +1,1 @@
+"""ONNX export of GSA models: gsa-domain custom ops with model-local reference functions."""

@@ -1,0 +1,122 @@
+"""export_onnx: a GSA model as ONNX, every GSA site a gsa-domain node with its reference function."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import onnx
+import torch
+
+from ..errors import GSAError
+from .functions import build_function
+from .schemas import DOMAIN, OP_SPECS, OPSET_VERSION, register_schemas
+
+logger = logging.getLogger(__name__)
+
+# Above this size onnx.save must move the weights to an external data file (protobuf's 2 GB limit).
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def gsa_nodes(program: torch.export.ExportedProgram) -> list[str]:
+    """Names of the gsa ops an exported program calls."""
+    return [
+        node.target.name() for node in program.graph.nodes
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+        and node.target.namespace == "gsa"
+    ]
+
+
+def capture(model, args: tuple, *, config=None, kwargs=None, dynamic_shapes=None) -> torch.export.ExportedProgram:
+    """An ExportedProgram whose graph holds gsa ops.
+
+    A program or a module that already calls the gsa ops (the functional API) is exported as
+    it is; any other module goes through gsa_compile.export, the FX compiler that rewrites its
+    attention sites."""
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
+    else:
+        program = torch.export.export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+        if not gsa_nodes(program):
+            program = _rewrite(model, args, config, kwargs, dynamic_shapes)
+    if not gsa_nodes(program):
+        raise GSAError(
+            "the model has no GSA site to export: no attention was rewritten (every layer dense, or no "
+            "attention pattern matched); see gsa_compile.export's report for why"
+        )
+    return program
+
+
+def _rewrite(model, args, config, kwargs, dynamic_shapes) -> torch.export.ExportedProgram:
+    try:
+        from ..api import export as gsa_export
+    except ImportError as exc:
+        raise GSAError(
+            f"{type(model).__name__} calls no gsa op and the FX compiler (gsa_compile.export) is not "
+            f"available here ({exc}); call gsa_compile.functional.gsa_attention in the model or "
+            f"pass an ExportedProgram that holds gsa ops"
+        ) from exc
+    logger.info("rewriting the attention sites of %s with gsa_compile.export", type(model).__name__)
+    return gsa_export(model, tuple(args), config=config, kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Add the reference function of every gsa op the graph uses (once each) and the domain import."""
+    used = set()
+    _collect_gsa_ops(model.graph, used)
+    known = {(f.domain, f.name) for f in model.functions}
+    for name in sorted(used):
+        if name not in OP_SPECS:
+            raise GSAError(f"the graph holds gsa.{name}, which is not an op of the gsa domain {sorted(OP_SPECS)}")
+        if (DOMAIN, name) not in known:
+            model.functions.append(build_function(OP_SPECS[name]))
+    if not any(entry.domain == DOMAIN for entry in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
+    return model
+
+
+def _collect_gsa_ops(graph: onnx.GraphProto, used: set) -> None:
+    for node in graph.node:
+        if node.domain == DOMAIN:
+            used.add(node.op_type)
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs]:
+                _collect_gsa_ops(sub, used)
+
+
+def export_onnx(
+    model,
+    args: tuple,
+    path: Optional[str],
+    *,
+    config=None,
+    kwargs: Optional[dict] = None,
+    dynamic_shapes: Any = None,
+    input_names: Optional[Sequence[str]] = None,
+    output_names: Optional[Sequence[str]] = None,
+) -> onnx.ModelProto:
+    """Export a GSA model to ONNX; returns the model (and writes it to `path` unless None).
+
+    Every GSA site becomes a gsa-domain node (opset 1; docs/onnx.md) whose attributes carry the
+    site's chunk size, budget, must-select blocks, block representation, scope, scale, softcap
+    and thresholds, and the model holds a reference function for each gsa op, so stock
+    onnxruntime runs the file as it is. `model` is a module (calling the gsa ops, or rewritten
+    by gsa_compile.export with `config`) or an ExportedProgram; `dynamic_shapes` follows
+    torch.export."""
+    from .translation import translation_table
+
+    register_schemas()
+    program = capture(model, args, config=config, kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+    logger.info("exporting %d gsa nodes: %s", len(gsa_nodes(program)), sorted(set(gsa_nodes(program))))
+    onnx_program = torch.onnx.export(
+        program, dynamo=True, custom_translation_table=translation_table(),
+        input_names=input_names, output_names=output_names, optimize=True, verbose=False,
+    )
+    proto = attach_functions(onnx_program.model_proto)
+    onnx.checker.check_model(proto, full_check=True)
+    if path is not None:
+        large = proto.ByteSize() > _EXTERNAL_DATA_BYTES
+        onnx.save(proto, os.fspath(path), save_as_external_data=large,
+                  location=os.path.basename(os.fspath(path)) + ".data" if large else None)
+    return proto
