@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .tables import format_table
+
 
 @dataclass
 class Site:
@@ -45,10 +47,8 @@ class Report:
         rows = [("layer", "policy", "pattern", "module", "note")]
         for site in sorted(self.sites, key=lambda s: s.layer):
             note = site.note or (f"reuses layer {site.reuse_of}" if site.reuse_of is not None else "")
-            rows.append((str(site.layer), site.policy, site.pattern, site.module_path or "-", note))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * width for width in widths))
+            rows.append((site.layer, site.policy, site.pattern, site.module_path or "-", note))
+        lines = [format_table(rows)]
         counts = self.counts()
         lines.append(
             f"{len(self.sites)} attention sites via {self.route}: {counts['sparse']} sparse, "

@@ -11,6 +11,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..config import load_config, shipped_config_names
+    from ..tables import format_table
 
     if args.name:
         print(load_config(args.name).to_json())
@@ -24,7 +25,5 @@ def run(args) -> int:
             str(policies.count("reuse")), str(config.hash_bits), str(config.chunk_size),
             f"{config.gpu_seq_len_threshold}/{config.gpu_concurrency_threshold}",
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(format_table(rows))
     return 0

@@ -36,7 +36,7 @@ def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch
     # table[b, h, byte, v] = sum of group_sum over the set bits of v in that byte
     table = group_sum.reshape(batch, kv_heads, code_bytes, 8) @ _byte_bits(query.device)
     offsets = torch.arange(batch * kv_heads * code_bytes, dtype=torch.int32, device=query.device) * 256
-    index = key_codes.to(torch.int32) + offsets.reshape(batch, kv_heads, 1, code_bytes)
+    index = torch.add(offsets.reshape(batch, kv_heads, 1, code_bytes), key_codes)  # one int32 pass
     gathered = F.embedding_bag(index.reshape(-1, code_bytes), table.reshape(-1, 1), mode="sum")
     return gathered.reshape(batch, kv_heads, num_keys) * 2 - group_sum.sum(-1, keepdim=True)
 
@@ -55,8 +55,10 @@ def gather_selected(key, value, blocks, valid, attn_bias, chunk_size):
     """Keys, values, allowed mask [B, Hkv, 1, k*C] and bias [B, Hkv, 1 or G, k*C] of the selected blocks."""
     batch, kv_heads, num_keys, _ = key.shape
     tokens, allowed = block_token_index(blocks, chunk_size, num_keys)
-    keys = key.gather(2, tokens.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]))
-    values = value.gather(2, tokens.unsqueeze(-1).expand(-1, -1, -1, value.shape[-1]))
+    # Advanced indexing copies whole D-long rows (gather would read one index per element).
+    rows = torch.arange(batch, device=key.device)[:, None, None]
+    heads = torch.arange(kv_heads, device=key.device)[None, :, None]
+    keys, values = key[rows, heads, tokens], value[rows, heads, tokens]
     if valid is not None:
         allowed = allowed & valid.gather(1, tokens.reshape(batch, -1)).reshape(allowed.shape)
     bias = None

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from ..common import (
     ceil_div,
-    expand_heads,
     pack_bits,
     projection_dtype,
     resolve_must_select,
@@ -21,10 +20,13 @@ from ..common import (
 
 
 def encode(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, dim = x.shape
+    kv_heads = weight.shape[0]
     dtype = projection_dtype(x)
-    w = expand_heads(weight, x.shape[1]).to(device=x.device, dtype=dtype)
-    projected = torch.einsum("bhld,hdr->bhlr", x.to(dtype), w)
-    return pack_bits(projected >= 0)
+    # Heads i*G .. i*G+G-1 share weight i: fold them into the length axis, one matmul per KV head.
+    grouped = x.to(dtype).reshape(batch, kv_heads, (heads // kv_heads) * length, dim)
+    projected = grouped @ weight.to(device=x.device, dtype=dtype)
+    return pack_bits(projected.reshape(batch, heads, length, -1) >= 0)
 
 
 def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -46,6 +48,9 @@ def block_scores(
     batch, heads, num_keys = similarity.shape
     n_blocks = ceil_div(num_keys, chunk_size)
     pad = n_blocks * chunk_size - num_keys
+    if valid is None and pad == 0:  # every block full and valid: no mask needed
+        blocked = similarity.view(batch, heads, n_blocks, chunk_size)
+        return {"max": blocked.amax, "min": blocked.amin, "sum": blocked.mean}[repre](-1)
     token_valid = torch.ones(batch, 1, num_keys, dtype=torch.bool, device=similarity.device)
     if valid is not None:
         token_valid = valid[:, None, :].clone()
