@@ -92,12 +92,15 @@ def test_select_blocks_equals_reference(gen, device, real_sizes, case):
     assert torch.equal(blocks, ref.select_blocks(*args))
 
 
-def test_top_blocks_breaks_ties_to_the_lower_index(device):
-    scores = torch.tensor([[[1.0, 3.0, 3.0, float("-inf"), 3.0, float("inf"), 2.0, 3.0]]], dtype=torch.float64)
-    blocks = triton_select.top_blocks(scores.to(device), 4)
+@pytest.mark.parametrize("integer_span", [0, 3, 512])
+def test_top_blocks_breaks_ties_to_the_lower_index(device, integer_span):
+    scores = torch.tensor([[[1.0, 3.0, 3.0, float("-inf"), 3.0, float("inf"), -2.0, 3.0]]], dtype=torch.float64)
+    blocks = triton_select.top_blocks(scores.to(device), 4, integer_span)
     assert blocks.tolist() == [[[1, 2, 4, 5]]]
-    blocks = triton_select.top_blocks(scores.to(device), 9)
+    blocks = triton_select.top_blocks(scores.to(device), 9, integer_span)
     assert blocks.tolist() == [[[0, 1, 2, 4, 5, 6, 7, -1, -1]]]
+    none_valid = torch.full((1, 2, 5), float("-inf"), dtype=torch.float64, device=device)
+    assert (triton_select.top_blocks(none_valid, 3, integer_span) == -1).all()
 
 
 # ------------------------------------------------------------------------------ attention
