@@ -185,6 +185,11 @@ class GSAConfig:
             _check_int(name, value, minimum=1)
         _check_bits("hash_bits_kv_lora", self.hash_bits_kv_lora)
         _check_bits("hash_bits_qk_rope", self.hash_bits_qk_rope)
+        if self.head_dim != self.kv_lora_rank + self.qk_rope_head_dim:
+            raise GSAConfigError(
+                f"is_mla is true, so head_dim ({self.head_dim}) must equal kv_lora_rank + "
+                f"qk_rope_head_dim ({self.kv_lora_rank} + {self.qk_rope_head_dim}): the latent key layout"
+            )
         if self.hash_bits != self.hash_bits_kv_lora + self.hash_bits_qk_rope:
             raise GSAConfigError(
                 f"is_mla is true, so hash_bits ({self.hash_bits}) must equal hash_bits_kv_lora + "

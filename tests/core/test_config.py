@@ -74,8 +74,11 @@ def test_bad_fields_name_the_field_and_what_is_allowed(changes, message):
 
 def test_mla_bits_must_add_up():
     with pytest.raises(GSAConfigError, match="hash_bits_kv_lora \\+ hash_bits_qk_rope"):
-        GSAConfig(is_mla=True, kv_lora_rank=512, qk_rope_head_dim=64, hash_bits_kv_lora=512,
+        GSAConfig(is_mla=True, kv_lora_rank=512, qk_rope_head_dim=64, head_dim=576, hash_bits_kv_lora=512,
                   hash_bits_qk_rope=64, hash_bits=512)
+    with pytest.raises(GSAConfigError, match="head_dim \\(128\\) must equal kv_lora_rank"):
+        GSAConfig(is_mla=True, kv_lora_rank=512, qk_rope_head_dim=64, head_dim=128, hash_bits_kv_lora=512,
+                  hash_bits_qk_rope=64, hash_bits=576)
 
 
 def test_unknown_shipped_name_lists_the_shipped_ones():
