@@ -170,7 +170,7 @@ def test_rows_without_any_valid_key_return_zeros(emulated_npu):
     (dict(chunk=8), "multiple of 16"),
     (dict(q_heads=130, kv_heads=2), "> 64"),
 ])
-def test_sparse_attention_declines_what_fia_cannot_do(emulated_npu, caplog, change, reason):
+def test_sparse_attention_declines_what_fia_cannot_do(emulated_npu, change, reason):
     params = dict(dtype=torch.float16, softcap=None, chunk=16, q_heads=4, kv_heads=2)
     params.update(change)
     query, key, value, _ = random_site(1, params["q_heads"], params["kv_heads"], 64, 64, seed=1, dtype=params["dtype"])
