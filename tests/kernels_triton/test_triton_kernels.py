@@ -208,3 +208,32 @@ def test_gsa_attention_through_the_ops_matches_reference(gen, device, real_sizes
     expected = ref.sparse_attention(query.double(), keys.double(), values.double(), expected_blocks, valid, None,
                                     chunk, None, None)
     assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+# ------------------------------------------------------------------------------ torch.compile
+def test_decode_step_compiles_in_one_graph_without_recompiling(gen, device):
+    """A masked decode step traces whole (no graph break) and new values of the same shapes
+    reuse the graph. CPU uses aot_eager; GPU runs the CUDA-graph mode in the benchmark."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    weight = hash_weights(2, 64, 64, seed=4).to(device)
+    keys = randn(gen, 2, 2, 96, 64, device=device)
+    values = randn(gen, 2, 2, 96, 64, device=device)
+    codes = ref.encode(keys, weight)
+    mask = torch.ones(2, 1, 1, 96, dtype=torch.bool, device=device)
+    mask[0, ..., :10] = False
+
+    def step(query):
+        return F.gsa_attention(query, keys, values, weight, key_codes=codes, chunk_size=16, budget_tokens=32,
+                               attn_mask=mask, concurrency_threshold=1, seq_len_threshold=64)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with gsa_compile.use_backend("triton"):
+        for _ in range(3):
+            query = randn(gen, 2, 8, 1, 64, device=device)
+            assert relative_error(compiled(query), step(query)) < 1e-6
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..common import ceil_div, resolve_must_select
 from . import runtime
@@ -32,7 +33,7 @@ TOKENS_PER_PROGRAM = 512
 @triton.jit
 def _popcount(x, USE_POPC: tl.constexpr):
     if USE_POPC:
-        return tl.extra.cuda.libdevice.popc(x)
+        return libdevice.popc(x)
     else:
         # The interpreter has no popc: the classic SWAR count on unsigned 32-bit words.
         u = x.to(tl.uint32, bitcast=True)
@@ -86,18 +87,26 @@ def _block_score_kernel(
         q_words = tl.load(qc_ptr + b * sq_b + (h * GROUPS + g) * sq_h + words, mask=word_ok, other=0).to(tl.int32)
         hamming += tl.sum(_popcount(key_words ^ q_words[None, None, :], USE_POPC), axis=2)
     # sum over the group of (R - 2 * hamming): the +-1 dot product of the codes.
-    similarity = (GROUP_BITS - 2 * hamming).to(tl.float64)
+    similarity = GROUP_BITS - 2 * hamming
+    count = tl.sum(ok.to(tl.int32), axis=1)
     if HAS_NORMS:
         norms = tl.load(norm_ptr + b * sn_b + h * sn_h + tokens * sn_l, mask=ok, other=0.0)
-        similarity = similarity * norms.to(tl.float64)
-
-    count = tl.sum(ok.to(tl.int32), axis=1)
-    if REPRE == 0:
-        score = tl.max(tl.where(ok, similarity, float("-inf")), axis=1)
-    elif REPRE == 1:
-        score = tl.min(tl.where(ok, similarity, float("inf")), axis=1)
+        weighted = similarity.to(tl.float64) * norms.to(tl.float64)
+        if REPRE == 0:
+            score = tl.max(tl.where(ok, weighted, float("-inf")), axis=1)
+        elif REPRE == 1:
+            score = tl.min(tl.where(ok, weighted, float("inf")), axis=1)
+        else:
+            score = tl.sum(tl.where(ok, weighted, 0.0), axis=1) / tl.maximum(count, 1).to(tl.float64)
     else:
-        score = tl.sum(tl.where(ok, similarity, 0.0), axis=1) / tl.maximum(count, 1).to(tl.float64)
+        # Plain similarities are integers: reduce in int32, convert once per block.
+        if REPRE == 0:
+            score = tl.max(tl.where(ok, similarity, -GROUP_BITS - 1), axis=1).to(tl.float64)
+        elif REPRE == 1:
+            score = tl.min(tl.where(ok, similarity, GROUP_BITS + 1), axis=1).to(tl.float64)
+        else:
+            total = tl.sum(tl.where(ok, similarity, 0), axis=1)
+            score = total.to(tl.float64) / tl.maximum(count, 1).to(tl.float64)
     must = _is_must(blocks, must_lo, MUST_LO, FIELD_BITS) | _is_must(blocks, must_hi, MUST_HI, FIELD_BITS)
     score = tl.where(must, float("inf"), score)
     score = tl.where(count > 0, score, float("-inf"))
