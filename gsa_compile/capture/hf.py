@@ -1,0 +1,164 @@
+"""The Hugging Face route: GSA for transformers models through their attention interface.
+
+    model = optimize_transformers(model)            # or (model, "Qwen/Qwen3-4B"), (model, GSAConfig(...))
+    model.generate(ids, max_new_tokens=64)          # greedy, sampling, beams, left padding
+    print(model.gsa_report)                         # which layers are sparse, reuse or dense
+
+No graph capture is needed: transformers routes every attention call through its
+AttentionInterface, so the model keeps its code and gets a "gsa" implementation (hf_attention),
+a GSA site per attention module (hf_sites) and a codes state in its KV cache (hf_cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional, Union
+
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+
+from ..config import GSAConfig, load_config
+from ..errors import GSAConfigError, GSAError
+from ..report import Report, Site
+from . import hf_attention
+from .hf_cache import attach_codes
+from .hf_sites import (
+    SITE_ATTRIBUTE,
+    GSARuntime,
+    GSASite,
+    attention_modules,
+    check_layers,
+    effective_policies,
+    model_eager_function,
+    site_shape,
+)
+
+logger = logging.getLogger(__name__)
+
+ROUTE = "hf_interface"
+# Names models use for the cache argument of forward (transformers 5.24 renamed it).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] = None) -> nn.Module:
+    """Make a transformers model decode with GSA; returns the same model object.
+
+    config: a GSAConfig, a shipped config name or JSON path (gsa_compile.load_config), or None
+    for GSAConfig.for_model(model) (the seed's policy: first 2 and last 3 layers dense).
+    The model gets `gsa_report` (a Report) and `gsa_runtime` (policies, stats)."""
+    if getattr(model, "gsa_runtime", None) is not None:
+        restore_transformers(model)
+    config = _resolve_config(model, config)
+    model_name = type(model).__name__
+    modules = attention_modules(model)
+    if not modules:
+        raise GSAError(f"{model_name} has no attention module that calls transformers' AttentionInterface")
+    by_layer = {module.layer_idx: (path, module) for path, module in modules}
+    if len(by_layer) != len(modules):
+        raise GSAError(f"{model_name}: several attention modules share a layer_idx: {[p for p, _ in modules]}")
+    check_layers(config, {layer: module for layer, (_, module) in by_layer.items()}, model_name)
+
+    original = model.config._attn_implementation
+    implementation = hf_attention.implementation_name(original)
+    runtime = GSARuntime(config, original, implementation)
+    policies = effective_policies(config, {layer: module for layer, (_, module) in by_layer.items()})
+    report = Report(route=ROUTE)
+    for layer, (path, module) in sorted(by_layer.items()):
+        policy, note = policies[layer]
+        site = _build_site(runtime, module, layer, policy, note, original)
+        runtime.sites[layer] = site
+        report.sites.append(Site(
+            layer=layer, pattern=ROUTE, policy=policy, module_path=path,
+            reuse_of=config.selection_source(layer) if policy == "reuse" else None,
+            gqa_groups=site.shape.query_heads // site.shape.kv_heads, note=note,
+        ))
+    for layer, (_, module) in by_layer.items():
+        module.add_module(SITE_ATTRIBUTE, runtime.sites[layer])
+
+    model.set_attn_implementation(implementation)
+    if model.config._attn_implementation != implementation:
+        restore_transformers(model, runtime)
+        raise GSAError(
+            f"{model_name} did not accept attention implementation {implementation!r} (it does not route "
+            f"attention through transformers' AttentionInterface)"
+        )
+    model._gsa_hook = model.register_forward_pre_hook(_codes_hook(runtime), with_kwargs=True)
+    model.gsa_runtime = runtime
+    model.gsa_report = report
+    logger.info("GSA on %s:\n%s", model_name, report.table())
+    return model
+
+
+def restore_transformers(model: nn.Module, runtime: Optional[GSARuntime] = None) -> nn.Module:
+    """Undo optimize_transformers: the original attention implementation, no sites, no hook."""
+    runtime = runtime or model.gsa_runtime
+    for _, module in attention_modules(model):
+        if isinstance(getattr(module, SITE_ATTRIBUTE, None), GSASite):
+            delattr(module, SITE_ATTRIBUTE)
+    if model.config._attn_implementation != runtime.original_implementation:
+        model.set_attn_implementation(runtime.original_implementation)
+    hook = getattr(model, "_gsa_hook", None)
+    if hook is not None:
+        hook.remove()
+    for name in ("_gsa_hook", "gsa_runtime", "gsa_report"):
+        if name in model.__dict__:
+            delattr(model, name)
+    return model
+
+
+@contextlib.contextmanager
+def gsa_disabled(model: nn.Module):
+    """Run an optimized model exactly as before optimizing (its original attention, caches
+    left untouched) inside the block, e.g. to compare dense and GSA decoding."""
+    runtime: GSARuntime = model.gsa_runtime
+    model.set_attn_implementation(runtime.original_implementation)
+    runtime.enabled = False
+    try:
+        yield model
+    finally:
+        runtime.enabled = True
+        model.set_attn_implementation(runtime.implementation)
+
+
+def _build_site(runtime: GSARuntime, module: nn.Module, layer: int, policy: str, note: str, original: str) -> GSASite:
+    eager = model_eager_function(module)
+    if original == "eager" and eager is None:
+        raise GSAError(
+            f"{type(module).__name__} runs eager attention but its modeling file has no "
+            f"eager_attention_forward to keep as the dense path"
+        )
+    dense_fn = AttentionInterface().get_interface(original, eager)
+    key_builder = module.expand_kv if hasattr(module, "expand_kv") else None
+    return GSASite(runtime, layer, policy, site_shape(module), dense_fn, key_builder=key_builder, note=note)
+
+
+def _codes_hook(runtime: GSARuntime):
+    def attach_codes_to_cache(module, args, kwargs):
+        if not runtime.enabled:
+            return None
+        for name in CACHE_ARGUMENTS:
+            if isinstance(kwargs.get(name), Cache):
+                attach_codes(kwargs[name], runtime)
+        return None
+
+    return attach_codes_to_cache
+
+
+def _resolve_config(model: nn.Module, config: Union[GSAConfig, str, None]) -> GSAConfig:
+    if config is None:
+        return GSAConfig.for_model(model)
+    if isinstance(config, str):
+        config = load_config(config)
+    if not isinstance(config, GSAConfig):
+        raise GSAConfigError(
+            f"config must be a GSAConfig, a shipped config name or JSON path, or None; got {type(config).__name__}"
+        )
+    name = getattr(model.config, "_name_or_path", "") or ""
+    if name and config.model_name not in ("custom", name):
+        logger.warning(
+            "GSA config %r was made for another model than %r; its layer policy and budgets may not fit",
+            config.model_name, name,
+        )
+    return config

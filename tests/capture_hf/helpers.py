@@ -1,0 +1,49 @@
+"""Shared pieces of the HF route tests: configs, cache arguments, decode loops."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+from gsa_compile import GSAConfig
+
+CHUNK = 8
+
+
+def gsa_config(model, *, budget_tokens=4096, layers=4, **overrides) -> GSAConfig:
+    """Layer 0 dense, layer 2 reusing layer 1's selection, the others selecting; thresholds 0
+    so every decode step of a selecting layer runs sparse on the CPU."""
+    ratios = [1] + [0.5] * (layers - 1)
+    reuse = [-1] * layers
+    if layers > 2:
+        reuse[2] = 1
+    base = GSAConfig.for_model(model)
+    return base.replace(
+        chunk_size=CHUNK, top_k_ratio_per_layer=ratios, top_k_index_reuse=reuse, budget_tokens=budget_tokens,
+        must_select_blocks=[0, -1], cpu_seq_len_threshold=0, cpu_concurrency_threshold=0, **overrides,
+    )
+
+
+def cache_argument(model) -> str:
+    """transformers 5.24 calls the cache argument `cache`, earlier 5.x `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decode_logits(model, prompt, steps, cache=None, attention_mask=None):
+    """Logits of the prefill's last position, then of `steps` greedy decode steps."""
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    name = cache_argument(model)
+    logits = []
+    with torch.no_grad():
+        out = model(prompt, attention_mask=attention_mask, use_cache=True, **{name: cache})
+        for _ in range(steps):
+            last = out.logits[:, -1]
+            logits.append(last)
+            token = last.argmax(-1, keepdim=True)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=-1)
+            out = model(token, attention_mask=attention_mask, use_cache=True, **{name: cache})
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1), cache
