@@ -11,6 +11,7 @@ import sys
 # Modules that each add one or more subcommands.
 COMMAND_MODULES = [
     "gsa_compile.commands.configs",
+    "gsa_compile.commands.npu",
 ]
 
 
