@@ -47,3 +47,29 @@ def decode_logits(model, prompt, steps, cache=None, attention_mask=None):
             out = model(token, attention_mask=attention_mask, use_cache=True, **{name: cache})
         logits.append(out.logits[:, -1])
     return torch.stack(logits, dim=1), cache
+
+
+def generated_cache(output):
+    """The cache generate() returns with return_dict_in_generate (renamed in transformers 5.24)."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
+def assert_codes_match_keys(cache) -> int:
+    """Every codes layer holds exactly the codes of its keys (row for row, position for
+    position); returns how many layers were checked."""
+    from gsa_compile import functional
+    from gsa_compile.capture.hf_cache import CodesMixin
+
+    checked = 0
+    for layer in cache.layers:
+        if not isinstance(layer, CodesMixin):
+            continue
+        site = layer.gsa_site
+        length = int(layer.get_seq_length())
+        keys, values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        if site.key_builder is not None:
+            keys = site.key_builder(keys, values)[0]
+        expected = functional.encode(keys, site.hash_weight)
+        assert torch.equal(layer.codes[:, :, :length], expected), f"layer {site.layer}: codes differ from its keys"
+        checked += 1
+    return checked
