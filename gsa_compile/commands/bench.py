@@ -1,0 +1,452 @@
+"""`gsa-compile bench`: decode attention on a CUDA GPU, GSA against its alternatives, side by
+side in one process.
+
+Versions, all on the same inputs (bf16, 32 query / 8 KV heads, d 128 unless told):
+- dense:  torch SDPA with enable_gqa (the fast path, reads all of K and V);
+- gsa:    the Triton kernels with codes already cached: query encode + block scores + top-k
+          + sparse decode attention (eager, and replayed from a CUDA graph);
+- flex:   FlexAttention (compiled) with a BlockMask of the same selection (attention only);
+- naive:  PyTorch gather: unpacked +-1 codes, einsum scores, topk, gather, SDPA.
+For each it reports the median time, the speedup over dense, the bytes that version must
+move, and the fraction of the bytes floor (bytes / copy bandwidth measured in the same run)
+it reaches. Writes bench.json and bench.png (matplotlib) under --out and prints a table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 128
+MUST_SELECT = (0, -2, -1)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="GPU decode-attention benchmark: GSA vs dense SDPA, FlexAttention, naive gather")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--keys", default="8192,32768,65536,131072", help="comma-separated cache lengths")
+    parser.add_argument("--budgets", default="2048,0.3",
+                        help="comma-separated budgets: an integer is a token budget, a fraction a top-k ratio")
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
+    parser.add_argument("--skip", default="", help="comma-separated versions to leave out: flex, naive, compile, prefill, check")
+    parser.add_argument("--sweep", action="store_true", help="also time kernel tile variants at batch 8 / longest cache")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        from ..errors import GSABackendUnavailable
+
+        raise GSABackendUnavailable("gsa-compile bench measures CUDA kernels and needs a CUDA device")
+    os.makedirs(args.out, exist_ok=True)
+    skip = {s for s in args.skip.split(",") if s}
+    bench = Bench(args.q_heads, args.kv_heads, args.head_dim)
+    report = {"environment": bench.environment(), "copy_bandwidth_bytes_per_s": bench.bandwidth, "rows": []}
+    print(f"device-to-device copy: {bench.bandwidth / 1e12:.2f} TB/s (bytes read + written)", flush=True)
+    for batch in _ints(args.batches):
+        for num_keys in _ints(args.keys):
+            report["rows"] += bench.shape_rows(batch, num_keys, _budgets(args.budgets), skip)
+            _write(args.out, report)
+    if "prefill" not in skip:
+        report["prefill_encode"] = bench.prefill_encode(32768)
+        print(_prefill_line(report["prefill_encode"]), flush=True)
+    if "compile" not in skip:
+        report["compile"] = bench.compiled_decode(8, 32768)
+        print(_compile_line(report["compile"]), flush=True)
+    if args.sweep:
+        report["sweep"] = bench.sweep(max(_ints(args.batches)), max(_ints(args.keys)))
+    _write(args.out, report)
+    print(format_table(report["rows"]))
+    plot(report["rows"], os.path.join(args.out, "bench.png"))
+    return 0
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def _budgets(text):
+    return [float(x) if "." in x else int(x) for x in text.split(",") if x]
+
+
+def _write(folder, report):
+    with open(os.path.join(folder, "bench.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+
+
+class Bench:
+    """Inputs, timers and byte counts for one device."""
+
+    def __init__(self, q_heads: int, kv_heads: int, head_dim: int):
+        import torch
+
+        self.torch = torch
+        self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+        self.dtype = torch.bfloat16
+        self.device = torch.device("cuda")
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
+        self.bandwidth = self.copy_bandwidth()
+
+    def environment(self) -> dict:
+        import triton
+
+        torch = self.torch
+        return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                "q_heads": self.q_heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "dtype": "bfloat16",
+                "chunk": CHUNK, "must_select": list(MUST_SELECT)}
+
+    # ---------------------------------------------------------------- timing
+    def median_ms(self, fn) -> float:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+    def graph_ms(self, fn) -> tuple[float, object]:
+        """Median of CUDA-graph replays of fn (captured after a warm-up), and fn's output."""
+        torch = self.torch
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        return self.median_ms(graph.replay), out
+
+    def copy_bandwidth(self) -> float:
+        torch = self.torch
+        source = torch.empty(1 << 30, dtype=torch.uint8, device=self.device).random_()
+        target = torch.empty_like(source)
+        ms = self.median_ms(lambda: target.copy_(source))
+        del source, target
+        return 2 * (1 << 30) / (ms * 1e-3)
+
+    def randn(self, *shape):
+        return torch_randn(self.torch, shape, self.generator, self.dtype, self.device)
+
+    # ---------------------------------------------------------------- one shape
+    def shape_rows(self, batch: int, num_keys: int, budgets, skip) -> list[dict]:
+        torch = self.torch
+        import torch.nn.functional as F_
+
+        from .. import functional as F
+
+        d, hq, hkv = self.head_dim, self.q_heads, self.kv_heads
+        query = self.randn(batch, hq, 1, d)
+        key = self.randn(batch, hkv, num_keys, d)
+        value = self.randn(batch, hkv, num_keys, d)
+        weight = F.hash_weights(hkv, d, 128, seed=0).to(self.device)
+        codes = F.encode(key, weight)
+        item = key.element_size()
+        kv_bytes = batch * hkv * num_keys * 2 * d * item
+        io_bytes = 2 * batch * hq * d * item
+
+        def dense():
+            return F_.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+
+        dense_ms = self.median_ms(dense)
+        dense_graph_ms, _ = self.graph_ms(dense)
+        baseline = min(dense_ms, dense_graph_ms)
+        rows = [self._row("dense", batch, num_keys, "all", baseline, kv_bytes + io_bytes, baseline,
+                          eager_ms=dense_ms, graph_ms=dense_graph_ms)]
+        naive_codes = None
+        for budget in budgets:
+            kwargs = {"budget_tokens": budget} if isinstance(budget, int) else {"top_k_ratio": budget}
+            k = F.num_selected_blocks(num_keys, CHUNK, must_select=MUST_SELECT, **kwargs)
+            label = f"{budget} tok" if isinstance(budget, int) else f"ratio {budget}"
+            selected_tokens = min(k * CHUNK, num_keys)
+            selected_bytes = batch * hkv * selected_tokens * 2 * d * item
+            code_bytes = codes.numel() * codes.element_size()
+
+            def select():
+                return F.select_blocks(query, codes, weight, chunk_size=CHUNK, num_blocks=k, must_select=MUST_SELECT)
+
+            def gsa():
+                return F.sparse_attention(query, key, value, select(), chunk_size=CHUNK)
+
+            blocks = select()
+            gsa_ms = self.median_ms(gsa)
+            gsa_graph_ms, _ = self.graph_ms(gsa)
+            select_graph_ms, _ = self.graph_ms(select)
+            attend_graph_ms, _ = self.graph_ms(
+                lambda: F.sparse_attention(query, key, value, blocks, chunk_size=CHUNK))
+            check = {} if "check" in skip else self.check(query, key, value, codes, weight, blocks, k)
+            gsa_bytes = code_bytes + selected_bytes + io_bytes + batch * hkv * (-(-num_keys // CHUNK)) * 8
+            rows.append(self._row("gsa", batch, num_keys, label, min(gsa_ms, gsa_graph_ms), gsa_bytes, baseline,
+                                  eager_ms=gsa_ms, graph_ms=gsa_graph_ms, select_graph_ms=select_graph_ms,
+                                  attend_graph_ms=attend_graph_ms, blocks=k, **check))
+            if "flex" not in skip:
+                rows.append(self._flex_row(query, key, value, blocks, batch, num_keys, label, selected_bytes + io_bytes,
+                                           baseline))
+            if "naive" not in skip:
+                if naive_codes is None:
+                    naive_codes = (_unpack_signs(torch, codes)).to(self.dtype)
+                rows.append(self._naive_row(query, key, value, weight, naive_codes, k, batch, num_keys, label,
+                                            naive_codes.numel() * item + 3 * selected_bytes + io_bytes, baseline))
+            for row in rows[-3:]:
+                if row["budget"] == label:
+                    print(_row_line(row), flush=True)
+        print(_row_line(rows[0]), flush=True)
+        del naive_codes
+        torch.cuda.empty_cache()
+        return rows
+
+    def _row(self, version, batch, num_keys, budget, ms, bytes_moved, baseline, **extra) -> dict:
+        floor_ms = bytes_moved / self.bandwidth * 1e3
+        return {"version": version, "batch": batch, "keys": num_keys, "budget": budget, "ms": ms,
+                "speedup": baseline / ms, "bytes": bytes_moved, "floor_ms": floor_ms,
+                "floor_fraction": floor_ms / ms, **extra}
+
+    def check(self, query, key, value, codes, weight, blocks, k) -> dict:
+        """Selection equal to the reference's, attention error against float64 on that selection."""
+        from ..kernels import reference as ref
+
+        torch = self.torch
+        rows = min(query.shape[0], 2)  # the reference unpacks every bit: keep its memory bounded
+        expected = ref.select_blocks(query[:rows], codes[:rows], weight, None, None, CHUNK, k, list(MUST_SELECT),
+                                     "max", "per_head")
+        from .. import functional as F
+
+        out = F.sparse_attention(query[:rows], key[:rows], value[:rows], blocks[:rows], chunk_size=CHUNK)
+        exact = ref.sparse_attention(query[:rows].double(), key[:rows].double(), value[:rows].double(), blocks[:rows],
+                                     None, None, CHUNK, None, None)
+        error = ((out.double() - exact).norm() / exact.norm()).item()
+        return {"selection_equal": bool(torch.equal(blocks[:rows], expected)), "attention_rel_error": error}
+
+    def _flex_row(self, query, key, value, blocks, batch, num_keys, label, bytes_moved, baseline) -> dict:
+        torch = self.torch
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        if not hasattr(self, "_flex"):
+            self._flex = torch.compile(flex_attention, dynamic=False)
+        groups = self.q_heads // self.kv_heads
+        n_blocks = -(-num_keys // CHUNK)
+        chosen = blocks.repeat_interleave(groups, dim=1)
+        indices = torch.zeros(batch, self.q_heads, 1, n_blocks, dtype=torch.int32, device=self.device)
+        indices[..., : chosen.shape[-1]] = chosen.clamp(min=0).unsqueeze(2)
+        counts = (chosen >= 0).sum(-1, dtype=torch.int32).unsqueeze(-1)
+        mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=CHUNK, seq_lengths=(1, num_keys))
+        fn = lambda: self._flex(query, key, value, block_mask=mask, enable_gqa=True)  # noqa: E731
+        started = time.time()
+        out = fn()
+        compile_s = time.time() - started
+        # Same selection, so the same attention: a wrong BlockMask would show here.
+        from .. import functional as F
+
+        gsa_out = F.sparse_attention(query, key, value, blocks, chunk_size=CHUNK).float()
+        error = ((out.float() - gsa_out).norm() / gsa_out.norm()).item()
+        return self._row("flex", batch, num_keys, label, self.median_ms(fn), bytes_moved, baseline,
+                         compile_s=compile_s, rel_error_vs_gsa=error)
+
+    def _naive_row(self, query, key, value, weight, signs, k, batch, num_keys, label, bytes_moved, baseline) -> dict:
+        torch = self.torch
+        import torch.nn.functional as F_
+
+        from .. import functional as F
+
+        groups = self.q_heads // self.kv_heads
+        n_blocks = -(-num_keys // CHUNK)
+        must = torch.tensor([m % n_blocks for m in MUST_SELECT], device=self.device)
+        offsets = torch.arange(CHUNK, device=self.device)
+
+        def naive():
+            q_signs = _unpack_signs(torch, F.encode(query, weight)).to(self.dtype)[:, :, 0]
+            q_group = q_signs.view(batch, self.kv_heads, groups, -1).sum(2)
+            scores = torch.einsum("bhr,bhlr->bhl", q_group, signs).float()
+            scores = F_.pad(scores, (0, n_blocks * CHUNK - num_keys), value=float("-inf"))
+            block = scores.view(batch, self.kv_heads, n_blocks, CHUNK).amax(-1).index_fill(-1, must, float("inf"))
+            chosen = block.topk(k, dim=-1).indices.sort(-1).values
+            tokens = (chosen.unsqueeze(-1) * CHUNK + offsets).flatten(-2).clamp(max=num_keys - 1)
+            index = tokens.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+            return F_.scaled_dot_product_attention(query, key.gather(2, index), value.gather(2, index), enable_gqa=True)
+
+        return self._row("naive", batch, num_keys, label, self.median_ms(naive), bytes_moved, baseline)
+
+    # ---------------------------------------------------------------- prefill and compile
+    def prefill_encode(self, num_keys: int) -> dict:
+        torch = self.torch
+        import torch.nn.functional as F_
+
+        from .. import functional as F
+
+        query = self.randn(1, self.q_heads, num_keys, self.head_dim)
+        key = self.randn(1, self.kv_heads, num_keys, self.head_dim)
+        value = self.randn(1, self.kv_heads, num_keys, self.head_dim)
+        weight = F.hash_weights(self.kv_heads, self.head_dim, 128, seed=0).to(self.device)
+        encode_ms = self.median_ms(lambda: F.encode(key, weight))
+        dense_ms = self.median_ms(lambda: F_.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True))
+        del query, key, value
+        torch.cuda.empty_cache()
+        return {"keys": num_keys, "encode_ms": encode_ms, "dense_prefill_attention_ms": dense_ms,
+                "fraction": encode_ms / dense_ms}
+
+    def compiled_decode(self, batch: int, num_keys: int) -> dict:
+        """torch.compile(mode="reduce-overhead", fullgraph=True) of a masked decode step: graphs,
+        graph breaks and recompilations over several steps, and the step time against dense."""
+        torch = self.torch
+        import torch._dynamo
+        import torch.nn.functional as F_
+        from torch._dynamo.utils import counters
+
+        from .. import functional as F
+
+        d = self.head_dim
+        key = self.randn(batch, self.kv_heads, num_keys, d)
+        value = self.randn(batch, self.kv_heads, num_keys, d)
+        weight = F.hash_weights(self.kv_heads, d, 128, seed=0).to(self.device)
+        codes = F.encode(key, weight)
+        mask = torch.ones(batch, 1, 1, num_keys, dtype=torch.bool, device=self.device)
+        mask[0, ..., : num_keys // 4] = False
+
+        def step(query):
+            return F.gsa_attention(query, key, value, weight, key_codes=codes, budget_tokens=2048, attn_mask=mask,
+                                   seq_len_threshold=2048, concurrency_threshold=1)
+
+        def dense_step(query):
+            return F_.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        query = self.randn(batch, self.q_heads, 1, d)
+        errors = []
+        for _ in range(6):  # new query values each step, as in decoding
+            query.copy_(self.randn(batch, self.q_heads, 1, d))
+            out = compiled(query).clone()
+            expected = step(query)
+            errors.append(((out.float() - expected.float()).norm() / expected.float().norm()).item())
+        graphs, breaks = int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+        compiled_dense = torch.compile(dense_step, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):
+            compiled_dense(query)
+        result = {"batch": batch, "keys": num_keys, "unique_graphs": graphs, "graph_breaks": breaks,
+                  "max_rel_error_vs_eager": max(errors),
+                  "gsa_step_ms": self.median_ms(lambda: compiled(query)),
+                  "dense_step_ms": self.median_ms(lambda: compiled_dense(query))}
+        result["speedup"] = result["dense_step_ms"] / result["gsa_step_ms"]
+        return result
+
+    # ---------------------------------------------------------------- tile sweep
+    def sweep(self, batch: int, num_keys: int) -> list[dict]:
+        """Times the kernels' tunables one at a time (everything else at its default)."""
+        from .. import functional as F
+        from ..kernels.triton import block_scores, decode_attention, selection
+
+        d = self.head_dim
+        query = self.randn(batch, self.q_heads, 1, d)
+        key = self.randn(batch, self.kv_heads, num_keys, d)
+        value = self.randn(batch, self.kv_heads, num_keys, d)
+        weight = F.hash_weights(self.kv_heads, d, 128, seed=0).to(self.device)
+        codes = F.encode(key, weight)
+        results = []
+
+        def record(part, setting, fn):
+            ms, _ = self.graph_ms(fn)
+            results.append({"part": part, "setting": setting, "ms": ms})
+            print(f"sweep {part:10s} {setting:28s} {ms * 1e3:8.1f} us", flush=True)
+
+        for budget in (2048, 0.3):
+            kwargs = {"budget_tokens": budget} if isinstance(budget, int) else {"top_k_ratio": budget}
+            k = F.num_selected_blocks(num_keys, CHUNK, must_select=MUST_SELECT, **kwargs)
+            blocks = F.select_blocks(query, codes, weight, chunk_size=CHUNK, num_blocks=k)
+            default_tiles = decode_attention.tile_config
+            for tiles in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3)):
+                for per_sm in (2, 4, 8):
+                    decode_attention.tile_config = lambda *_, t=tiles: t
+                    decode_attention.PROGRAMS_PER_SM = per_sm
+                    record(f"attend {budget}", f"tile {tiles} programs/SM {per_sm}",
+                           lambda: F.sparse_attention(query, key, value, blocks, chunk_size=CHUNK))
+            decode_attention.tile_config, decode_attention.PROGRAMS_PER_SM = default_tiles, 4
+        default_tokens, default_warps = block_scores.TOKENS_PER_PROGRAM, selection.topk_num_warps
+        for tokens in (256, 512, 1024, 2048):
+            block_scores.TOKENS_PER_PROGRAM = tokens
+            record("select", f"tokens/program {tokens}",
+                   lambda: F.select_blocks(query, codes, weight, chunk_size=CHUNK, num_blocks=16))
+        block_scores.TOKENS_PER_PROGRAM = default_tokens
+        for warps in (1, 2, 4):
+            selection.topk_num_warps = lambda _, w=warps: w
+            record("select", f"top-k warps {warps}",
+                   lambda: F.select_blocks(query, codes, weight, chunk_size=CHUNK, num_blocks=16))
+        selection.topk_num_warps = default_warps
+        return results
+
+
+def torch_randn(torch, shape, generator, dtype, device):
+    return torch.randn(*shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+
+def _unpack_signs(torch, codes):
+    from ..kernels.common import unpack_codes
+
+    return unpack_codes(codes).to(torch.int8) * 2 - 1
+
+
+# -------------------------------------------------------------------- output
+def _row_line(row) -> str:
+    return (f"{row['version']:6s} batch {row['batch']:2d} keys {row['keys']:7d} {row['budget']:>10s}  "
+            f"{row['ms'] * 1e3:9.1f} us  x{row['speedup']:6.2f}  {row['bytes'] / 1e6:9.1f} MB  "
+            f"floor {row['floor_fraction'] * 100:5.1f}%")
+
+
+def format_table(rows) -> str:
+    header = ("version", "batch", "keys", "budget", "median us", "vs dense", "MB moved", "floor us", "% of floor")
+    lines = [header]
+    for r in rows:
+        lines.append((r["version"], str(r["batch"]), str(r["keys"]), r["budget"], f"{r['ms'] * 1e3:.1f}",
+                      f"{r['speedup']:.2f}x", f"{r['bytes'] / 1e6:.1f}", f"{r['floor_ms'] * 1e3:.1f}",
+                      f"{r['floor_fraction'] * 100:.0f}%"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
+
+def _prefill_line(p) -> str:
+    return (f"prefill encode of {p['keys']} keys: {p['encode_ms'] * 1e3:.1f} us = "
+            f"{p['fraction'] * 100:.2f}% of dense causal prefill attention ({p['dense_prefill_attention_ms']:.2f} ms)")
+
+
+def _compile_line(c) -> str:
+    return (f"torch.compile reduce-overhead, batch {c['batch']} keys {c['keys']}: graphs {c['unique_graphs']}, "
+            f"graph breaks {c['graph_breaks']}, step {c['gsa_step_ms'] * 1e3:.1f} us vs dense "
+            f"{c['dense_step_ms'] * 1e3:.1f} us (x{c['speedup']:.2f}), error vs eager {c['max_rel_error_vs_eager']:.1e}")
+
+
+def plot(rows, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; no plot written")
+        return
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        mine = [r for r in rows if r["batch"] == batch and r["version"] != "dense"]
+        for version, budget in sorted({(r["version"], r["budget"]) for r in mine}):
+            series = sorted((r["keys"], r["speedup"]) for r in mine if r["version"] == version and r["budget"] == budget)
+            ax.plot([s[0] for s in series], [s[1] for s in series], marker="o", label=f"{version} {budget}")
+            if version == "gsa":
+                dense = {r["keys"]: r for r in rows if r["batch"] == batch and r["version"] == "dense"}
+                floors = sorted((r["keys"], dense[r["keys"]]["floor_ms"] / r["floor_ms"])
+                                for r in mine if r["version"] == "gsa" and r["budget"] == budget)
+                ax.plot([f[0] for f in floors], [f[1] for f in floors], linestyle="--", color="gray", linewidth=1)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("keys in cache")
+        ax.set_ylabel("speedup over dense SDPA (enable_gqa)")
+        ax.set_title(f"decode attention, batch {batch} (dashed: GSA bytes floor)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
