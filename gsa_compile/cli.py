@@ -12,6 +12,7 @@ import sys
 COMMAND_MODULES = [
     "gsa_compile.commands.configs",
     "gsa_compile.commands.npu",
+    "gsa_compile.commands.bench",
 ]
 
 
