@@ -89,3 +89,15 @@ def test_fia_refuses_what_the_documentation_refuses(change, message):
     pages = key.view(2, 64 // block_size, block_size, 32).transpose(0, 1).contiguous()
     with pytest.raises(RuntimeError, match=message):
         npu.npu_fused_infer_attention_score(query, pages, pages, **kwargs)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.npu_sign_bits_pack(torch.zeros(8), size=1.0), "size must be int"),
+    (lambda m: m.npu_sign_bits_unpack(torch.zeros(1, dtype=torch.uint8), 1, "float32"), "dtype must be ScalarType"),
+    (lambda m: m.npu_fused_infer_attention_score(*fia_inputs(), scale_value=0.1), "unexpected or repeated"),
+    (lambda m: m.npu_fused_infer_attention_score(*fia_inputs(), actual_seq_lengths_kv=torch.tensor([64])),
+     "actual_seq_lengths_kv must be SymInt"),
+])
+def test_calls_are_bound_to_the_operators_declared_schemas(call, message):
+    with pytest.raises(TypeError, match=message):
+        call(npu.build())

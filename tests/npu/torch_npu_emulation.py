@@ -2,7 +2,9 @@
 never been compared with Ascend hardware: it runs on CPU tensors and implements what the
 documentation says (torch_npu API reference and Ascend/op-plugin docs/context/*.md), refusing
 what the documentation says the real operator refuses, so that the NPU lowering can be tested in
-CI. Tests install it as sys.modules["torch_npu"] (see conftest.py).
+CI. Tests install it as sys.modules["torch_npu"] (see conftest.py). Every call is first bound to
+the operator's schema as torch-npu 2.13.0 declares it, so a kernel cannot pass an argument, or an
+argument type, the real operator does not take.
 
 - npu_sign_bits_pack(self, size): 1-D float16/float32 -> uint8 [size, ceil(n / 8) / size];
   documented equivalent np.packbits(np.bool_(np.sign(x) + 1), bitorder="little"), so a value
@@ -25,6 +27,36 @@ import types
 
 import torch
 
+# From torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml in the torch-npu 2.13.0 wheel.
+SCHEMAS = {
+    "npu_sign_bits_pack": "npu_sign_bits_pack(Tensor self, int size) -> Tensor",
+    "npu_sign_bits_unpack": "npu_sign_bits_unpack(Tensor input, int size, ScalarType dtype) -> Tensor",
+    "npu_fused_infer_attention_score": (
+        "npu_fused_infer_attention_score(Tensor query, Tensor key, Tensor value, *, Tensor? pse_shift=None, "
+        "Tensor? atten_mask=None, SymInt[]? actual_seq_lengths=None, SymInt[]? actual_seq_lengths_kv=None, "
+        "Tensor? dequant_scale1=None, Tensor? quant_scale1=None, Tensor? dequant_scale2=None, "
+        "Tensor? quant_scale2=None, Tensor? quant_offset2=None, Tensor? antiquant_scale=None, "
+        "Tensor? antiquant_offset=None, Tensor? key_antiquant_scale=None, Tensor? key_antiquant_offset=None, "
+        "Tensor? value_antiquant_scale=None, Tensor? value_antiquant_offset=None, Tensor? block_table=None, "
+        "Tensor? query_padding_size=None, Tensor? kv_padding_size=None, Tensor? key_shared_prefix=None, "
+        "Tensor? value_shared_prefix=None, SymInt[]? actual_shared_prefix_len=None, Tensor? query_rope=None, "
+        "Tensor? key_rope=None, Tensor? key_rope_antiquant_scale=None, int num_heads=1, float scale=1.0, "
+        "int pre_tokens=2147483647, int next_tokens=2147483647, str input_layout=\"BSH\", "
+        "int num_key_value_heads=0, int sparse_mode=0, int inner_precise=0, int block_size=0, "
+        "int antiquant_mode=0, int key_antiquant_mode=0, int value_antiquant_mode=0, "
+        "bool softmax_lse_flag=False) -> (Tensor, Tensor)"
+    ),
+}
+SCHEMA_TYPES = {
+    "Tensor": lambda v: isinstance(v, torch.Tensor),
+    "Tensor?": lambda v: v is None or isinstance(v, torch.Tensor),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "ScalarType": lambda v: isinstance(v, torch.dtype),
+    "SymInt[]?": lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(n, int) for n in v)),
+}
 FIA_DTYPES = (torch.float16, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.int8, torch.uint8)
 _FIA_DEFAULTS = {"pre_tokens": 2147483647, "next_tokens": 2147483647, "sparse_mode": 0, "antiquant_mode": 0,
@@ -39,6 +71,7 @@ def build() -> types.ModuleType:
 
     def recorded(name, fn):
         def call(*args, **kwargs):
+            bind_to_schema(name, args, kwargs)
             module.calls.append((name, args, kwargs))
             return fn(*args, **kwargs)
         return call
@@ -48,6 +81,33 @@ def build() -> types.ModuleType:
     module.npu_fused_infer_attention_score = recorded(
         "npu_fused_infer_attention_score", npu_fused_infer_attention_score)
     return module
+
+
+def bind_to_schema(name: str, args: tuple, kwargs: dict) -> None:
+    """Raise TypeError unless (args, kwargs) is a valid call of the operator's declared schema."""
+    text = SCHEMAS[name]
+    params, keyword_only = [], False
+    for item in text[text.index("(") + 1:text.index(") ->")].split(", "):
+        if item == "*":
+            keyword_only = True
+            continue
+        declared, _, default = item.partition("=")
+        type_name, param = declared.rsplit(" ", 1)
+        params.append((param, type_name, bool(default), keyword_only))
+    positional = [p for p in params if not p[3]]
+    if len(args) > len(positional):
+        raise TypeError(f"{name} takes {len(positional)} positional arguments, got {len(args)}")
+    given = dict(zip((p[0] for p in positional), args))
+    for key, value in kwargs.items():
+        if key in given or key not in {p[0] for p in params}:
+            raise TypeError(f"{name}: unexpected or repeated argument {key!r}")
+        given[key] = value
+    for param, type_name, has_default, _ in params:
+        if param not in given:
+            if not has_default:
+                raise TypeError(f"{name}: missing argument {param!r}")
+        elif not SCHEMA_TYPES[type_name](given[param]):
+            raise TypeError(f"{name}: {param} must be {type_name}, got {type(given[param]).__name__}")
 
 
 def _require(condition: bool, message: str) -> None:
