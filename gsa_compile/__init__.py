@@ -7,12 +7,16 @@ from . import functional, ops  # noqa: F401  (registers the gsa custom ops)
 from .config import GSAConfig, load_config, shipped_config_names
 from .errors import GSABackendUnavailable, GSAConfigError, GSAError, GSAInputError
 from .kernels import use_backend
+from .api import export, inspect, optimize  # noqa: E402  (the graph route: passes need the ops above)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "export",
+    "inspect",
+    "optimize",
     "GSAConfig",
     "GSAConfigError",
     "GSAError",

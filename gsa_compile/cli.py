@@ -11,8 +11,10 @@ import sys
 # Modules that each add one or more subcommands.
 COMMAND_MODULES = [
     "gsa_compile.commands.configs",
+    "gsa_compile.commands.inspect",
     "gsa_compile.commands.npu",
     "gsa_compile.commands.bench",
+    "gsa_compile.commands.demo",
 ]
 
 

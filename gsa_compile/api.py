@@ -1,0 +1,100 @@
+"""The user-facing entry points of the graph route: optimize, inspect, export.
+
+    model = gsa_compile.optimize(model)                   # same model, GSA attention when decoding
+    report = gsa_compile.inspect(model, *example_args)    # what would be rewritten, and why not
+    program = gsa_compile.export(model, example_args)     # ExportedProgram with gsa nodes"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from .capture.dynamo_backend import COMPILERS, gsa_backend, resolve_config_option
+from .capture.export import export
+from .config import GSAConfig
+from .errors import GSAConfigError
+from .passes import PassContext, run_pipeline
+from .report import Report
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["optimize", "inspect", "export"]
+
+
+def _is_transformers_model(model: Any) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _derived_config(model: torch.nn.Module) -> Optional[GSAConfig]:
+    try:
+        return GSAConfig.for_model(model)
+    except GSAConfigError as exc:
+        # No attention module to size from: the passes derive one from the sites they find.
+        logger.info("GSA: %s; deriving the config from the captured graph instead", exc)
+        return None
+
+
+def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "inductor") -> torch.nn.Module:
+    """Make `model` use GSA attention, used exactly like before.
+
+    transformers models go through the Hugging Face attention route
+    (gsa_compile.capture.hf.optimize_transformers). Any other nn.Module is compiled in place
+    (nn.Module.compile) with the "gsa" torch.compile backend, which rewrites its attention and
+    hands the graph to `compiler` ("inductor", "aot_eager" or "eager"); the same object is
+    returned. config: GSAConfig, shipped name, JSON path, or None (GSAConfig.for_model, re-derived
+    with the number of attention sites the graph holds). After the first call,
+    `model.gsa_reports` lists what each compiled graph rewrote."""
+    if _is_transformers_model(model):
+        from .capture.hf import optimize_transformers
+
+        return optimize_transformers(model, config)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize takes an nn.Module, got {type(model).__name__}")
+    if compiler not in COMPILERS:
+        raise GSAConfigError(f"compiler must be one of {list(COMPILERS)}, got {compiler!r}")
+    resolved = resolve_config_option(config)
+    derived = resolved is None
+    if derived:
+        resolved = _derived_config(model)
+    reports: list = []
+    options = {"config": resolved, "config_derived": derived, "compiler": compiler, "reports": reports}
+    model.compile(backend=gsa_backend, options=options)
+    model.gsa_reports = reports
+    model.gsa_codes_state = options.setdefault("codes_state", None) or _state_placeholder(options)
+    return model
+
+
+def _state_placeholder(options: dict):
+    from .passes.codes_state import new_state
+
+    options["codes_state"] = new_state()
+    return options["codes_state"]
+
+
+def inspect(model: torch.nn.Module, *example_args, config: Any = None, **example_kwargs) -> Report:
+    """Run `model` once on the example inputs under a capturing backend and report every
+    attention site (layer, pattern, policy) and every candidate left dense with the reason.
+    Nothing is rewritten; the model is not modified."""
+    resolved = resolve_config_option(config)
+    derived = resolved is None
+    if derived:
+        resolved = GSAConfig.for_model(model) if _is_transformers_model(model) else None
+    report = Report(route="inspect")
+
+    def capture(gm, example_inputs):
+        context = PassContext(route="inspect", config=resolved, config_derived=derived, rewrite=False,
+                              whole_model=False)
+        run_pipeline(gm, context)
+        report.sites.extend(context.report.sites)
+        report.unmatched.extend(context.report.unmatched)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=capture, dynamic=False)(*example_args, **example_kwargs)
+    return report
