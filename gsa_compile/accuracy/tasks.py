@@ -132,15 +132,17 @@ def _digits(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, 10, size=n) + DIGIT0
 
 
-def _records(task: str, rng: np.random.Generator, total_len: int):
+def _records(task: str, rng: np.random.Generator, total_len: int, max_records: int | None = None):
     """The records of one prompt as (list of int64 arrays, list of (question, answer)
     pairs, one per record that may be asked; passkey has one)."""
+    cap = 1 << 30 if max_records is None else max(1, int(max_records))
     if task == "passkey":
         key = _digits(rng, PASSKEY_DIGITS)
         rec = np.concatenate([[PASSKEY_MARK], key])
         return [rec], [(np.array([QUERY, PASSKEY_MARK]), key)]
     if task == "kv":
-        n = int(rng.integers(KV_PAIRS[0], _kv_pairs_max(total_len) + 1))
+        hi = min(_kv_pairs_max(total_len), cap)
+        n = int(rng.integers(min(KV_PAIRS[0], hi), hi + 1))
         keys = rng.choice(np.arange(KEY_LO, KEY_HI), size=n, replace=False)
         recs, qas = [], []
         for k in keys:
@@ -148,7 +150,8 @@ def _records(task: str, rng: np.random.Generator, total_len: int):
             recs.append(np.concatenate([[KEY_MARK, k, VALUE_MARK], v, [SEP]]))
             qas.append((np.array([QUERY, KEY_MARK, k, VALUE_MARK]), v))
         return recs, qas
-    n = int(rng.integers(NEEDLE_COUNT[0], NEEDLE_COUNT[1] + 1))
+    hi = min(NEEDLE_COUNT[1], cap)
+    n = int(rng.integers(min(NEEDLE_COUNT[0], hi), hi + 1))
     syms = rng.choice(np.arange(KEY_LO, KEY_HI), size=NEEDLE_A + NEEDLE_B, replace=False)
     a_syms, b_syms = syms[:NEEDLE_A], syms[NEEDLE_A:]
     pairs = rng.choice(NEEDLE_A * NEEDLE_B, size=n, replace=False)
@@ -161,15 +164,19 @@ def _records(task: str, rng: np.random.Generator, total_len: int):
     return recs, qas
 
 
-def make_sequence(task: str, total_len: int, rng: np.random.Generator, n_queries: int = 1):
+def make_sequence(
+    task: str, total_len: int, rng: np.random.Generator, n_queries: int = 1, max_records: int | None = None
+):
     """One sequence of exactly ``total_len`` tokens:
     ``BOS task [context] q1 a1 q2 a2 ...`` with ``n_queries`` distinct questions
-    (passkey has only one).  Returns ``(ids int64 [total_len], answer_mask bool
+    (passkey has only one).  ``max_records`` caps the number of kv records / needles
+    below the documented ranges (for very short training sequences only; evaluation
+    samples never set it).  Returns ``(ids int64 [total_len], answer_mask bool
     [total_len], info)`` where ``answer_mask`` marks answer tokens and ``info`` holds
     ``prompt_len`` (tokens before the first answer) and ``record_pos`` (start of the
     record answered first)."""
     _check_task(task)
-    recs, qas = _records(task, rng, total_len)
+    recs, qas = _records(task, rng, total_len, max_records)
     n_queries = max(1, min(int(n_queries), len(qas)))
     asked = rng.choice(len(qas), size=n_queries, replace=False)
     tail_len = sum(len(qas[i][0]) + len(qas[i][1]) for i in asked)
