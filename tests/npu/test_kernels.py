@@ -50,6 +50,8 @@ SELECT_CASES = [
     (3, 8, 1, 160, 64, 128, 16, 5, "min", "shared", False, True),
     (2, 16, 2, 257, 128, 72, 64, 3, "sum", "per_head", False, True),
     (2, 6, 3, 96, 64, 64, 16, 6, "sum", "shared", True, False),
+    (1, 32, 2, 130, 64, 128, 16, 4, "max", "per_head", False, True),  # G * R = 2048: float16 signs, still exact
+    (1, 32, 2, 130, 64, 136, 16, 4, "max", "per_head", False, True),  # G * R > 2048: float32 signs
 ]
 
 
@@ -76,11 +78,24 @@ def test_similarity_is_exact_when_the_cache_is_scored_in_slices(emulated_npu, mo
     query, key, _, _ = random_site(2, 8, 2, 150, 64, seed=11)
     weight = F.hash_weights(2, 64, 64, seed=4)
     codes = reference.encode(key, weight)
-    # 4 (row, KV head) pairs * 64 bits * 4 bytes * 40 tokens: slices of 40 tokens, the last one partial.
-    monkeypatch.setattr(select, "UNPACKED_SLICE_BYTES", 4 * 64 * 4 * 40)
+    # 4 (row, KV head) pairs * 64 bits * 2 bytes (float16 signs) * 40 tokens: slices of 40 tokens, the last partial.
+    monkeypatch.setattr(select, "UNPACKED_SLICE_BYTES", 4 * 64 * 2 * 40)
     got = select.token_similarity(query, codes, weight)
     assert op_names(emulated_npu).count("npu_sign_bits_unpack") == 1 + 4
     torch.testing.assert_close(got.double(), reference.token_similarity(query, codes, weight), rtol=0, atol=0)
+
+
+def test_float16_signs_hold_the_largest_score_exactly(emulated_npu):
+    from gsa_compile.kernels.npu import select
+
+    query, key, _, _ = random_site(1, 32, 2, 64, 64, seed=12)
+    query[0, :16, 0] = key[0, 0, 7]  # every query head of KV head 0's group hashes like key 7
+    weight = F.hash_weights(2, 64, 128, seed=6)
+    codes = reference.encode(key, weight)
+    got = select.token_similarity(query, codes, weight)
+    assert got[0, 0, 7] == 16 * 128  # G * R = 2048, the float16 path's limit
+    assert {args[2] for name, args, _ in emulated_npu.calls if name == "npu_sign_bits_unpack"} == {torch.float16}
+    assert torch.equal(got.double(), reference.token_similarity(query, codes, weight))
 
 
 ATTENTION_CASES = [
