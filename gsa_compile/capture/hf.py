@@ -12,6 +12,7 @@ a GSA site per attention module (hf_sites) and a codes state in its KV cache (hf
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from typing import Optional, Union
 
@@ -120,6 +121,13 @@ def gsa_disabled(model: nn.Module):
     finally:
         runtime.enabled = True
         model.set_attn_implementation(runtime.implementation)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of model.forward's cache argument: `cache` in transformers 5.24, `past_key_values`
+    in earlier 5.x releases."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), CACHE_ARGUMENTS[-1])
 
 
 def _build_site(runtime: GSARuntime, module: nn.Module, layer: int, policy: str, note: str, original: str) -> GSASite:

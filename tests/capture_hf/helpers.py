@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import DynamicCache
 
 from gsa_compile import GSAConfig
+from gsa_compile.capture.hf import cache_argument
 
 CHUNK = 8
 
@@ -24,11 +23,6 @@ def gsa_config(model, *, budget_tokens=4096, layers=4, **overrides) -> GSAConfig
         chunk_size=CHUNK, top_k_ratio_per_layer=ratios, top_k_index_reuse=reuse, budget_tokens=budget_tokens,
         must_select_blocks=[0, -1], cpu_seq_len_threshold=0, cpu_concurrency_threshold=0, **overrides,
     )
-
-
-def cache_argument(model) -> str:
-    """transformers 5.24 calls the cache argument `cache`, earlier 5.x `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def decode_logits(model, prompt, steps, cache=None, attention_mask=None):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from gsa_compile.capture.hf import optimize_transformers
+from gsa_compile.capture.hf import cache_argument, optimize_transformers
 from gsa_compile.capture.hf_cache import CodesDynamicLayer, CodesStaticLayer
 
-from .helpers import CHUNK, assert_codes_match_keys, cache_argument, decode_logits, generated_cache, gsa_config
+from .helpers import CHUNK, assert_codes_match_keys, decode_logits, generated_cache, gsa_config
 from .tiny_models import VOCAB, build
 
 PROMPT = 40
