@@ -8,6 +8,7 @@ from .config import GSAConfig, load_config, shipped_config_names
 from .errors import GSABackendUnavailable, GSAConfigError, GSAError, GSAInputError
 from .kernels import use_backend
 from .api import export, inspect, optimize  # noqa: E402  (the graph route: passes need the ops above)
+from .onnx import export_onnx  # noqa: E402  (gsa-domain ONNX export, docs/onnx.md)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "export",
+    "export_onnx",
     "inspect",
     "optimize",
     "GSAConfig",
