@@ -1,0 +1,131 @@
+"""export_onnx on a hand-written attention block that calls the functional API with a codes
+cache: the ONNX graph, its checker, and onnxruntime against PyTorch on dynamic shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import gsa_compile
+from gsa_compile import GSAError
+from gsa_compile import functional as F
+from gsa_compile.onnx import DOMAIN, OPSET_VERSION
+
+HEADS, KV_HEADS, DIM, WIDTH = 4, 2, 16, 64
+
+
+class CachedGSABlock(nn.Module):
+    """One attention layer over an explicit cache: keys, values and their codes in, present out."""
+
+    def __init__(self, **site):
+        super().__init__()
+        self.q = nn.Linear(WIDTH, HEADS * DIM)
+        self.kv = nn.Linear(WIDTH, 2 * KV_HEADS * DIM)
+        self.out = nn.Linear(HEADS * DIM, WIDTH)
+        self.register_buffer("hash_weight", F.hash_weights(KV_HEADS, DIM, 32, seed=3))
+        self.site = site
+
+    def forward(self, x, past_key, past_value, past_codes, mask):
+        batch, steps, _ = x.shape
+        query = self.q(x).view(batch, steps, HEADS, DIM).transpose(1, 2)
+        key, value = self.kv(x).view(batch, steps, 2, KV_HEADS, DIM).permute(2, 0, 3, 1, 4)
+        keys = torch.cat([past_key, key], dim=2)
+        values = torch.cat([past_value, value], dim=2)
+        codes = torch.cat([past_codes, F.encode(key, self.hash_weight)], dim=2)
+        attended = F.gsa_attention(query, keys, values, self.hash_weight, key_codes=codes, attn_mask=mask, **self.site)
+        return self.out(attended.transpose(1, 2).reshape(batch, steps, -1)), keys, values, codes
+
+
+SITE = dict(chunk_size=4, top_k_ratio=0.3, must_select=(0, -1), repre="sum", seq_len_threshold=16)
+NAMES = ["x", "past_key", "past_value", "past_codes", "mask"]
+
+
+def _inputs(gen, batch, past, steps=1, padded=True):
+    mask = torch.ones(batch, 1, steps, past + steps, dtype=torch.bool)
+    if padded:
+        mask[0, ..., : past // 4] = False  # left padding of row 0
+    if steps > 1:
+        mask &= torch.ones(steps, past + steps, dtype=torch.bool).tril(past)
+    return (
+        torch.randn(batch, steps, WIDTH, generator=gen),
+        torch.randn(batch, KV_HEADS, past, DIM, generator=gen),
+        torch.randn(batch, KV_HEADS, past, DIM, generator=gen),
+        torch.randint(0, 256, (batch, KV_HEADS, past, 4), generator=gen, dtype=torch.uint8),
+        mask,
+    )
+
+
+def _dynamic_shapes():
+    # Dim.DYNAMIC lets torch.export relate the mask's length to past + steps itself.
+    dynamic = torch.export.Dim.DYNAMIC
+    cache = {0: dynamic, 2: dynamic}
+    return ({0: dynamic, 1: dynamic}, cache, cache, cache, {0: dynamic, 2: dynamic, 3: dynamic})
+
+
+def _export(tmp_path, module, name):
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path / f"{name}.onnx"
+    with torch.no_grad():
+        # Two new tokens in the example: a dim of size 1 would be specialized by torch.export.
+        proto = gsa_compile.export_onnx(module, _inputs(gen, 2, 20, steps=2), str(path), dynamic_shapes=_dynamic_shapes(),
+                                        input_names=NAMES)
+    return proto, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def sparse_export(tmp_path_factory):
+    torch.manual_seed(0)
+    module = CachedGSABlock(**SITE).eval()
+    return (module, *_export(tmp_path_factory.mktemp("onnx"), module, "block"))
+
+
+def test_every_gsa_site_is_a_gsa_node_with_its_attributes_and_function(sparse_export):
+    _, proto, _ = sparse_export
+    onnx.checker.check_model(proto, full_check=True)
+    gsa_nodes = {node.op_type: node for node in proto.graph.node if node.domain == DOMAIN}
+    assert set(gsa_nodes) == {"Encode", "Attention"}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gsa_nodes["Attention"].attribute}
+    assert attrs["chunk_size"] == 4 and list(attrs["must_select"]) == [0, -1]
+    assert attrs["repre"] == b"sum" and attrs["scope"] == b"per_head" and attrs["budget_tokens"] == 0
+    assert onnx.numpy_helper.to_array(attrs["top_k_ratio"]) == 0.3
+    assert attrs["seq_len_threshold"] == 16 and attrs["scale"] == pytest.approx(DIM ** -0.5)
+    assert {(f.domain, f.name) for f in proto.functions} == {(DOMAIN, "Encode"), (DOMAIN, "Attention")}
+    assert any(o.domain == DOMAIN and o.version == OPSET_VERSION for o in proto.opset_import)
+
+
+@pytest.mark.parametrize("batch,past,steps", [(1, 40, 1), (3, 61, 1), (2, 9, 1), (2, 30, 5)])
+def test_onnxruntime_matches_pytorch_on_dynamic_shapes(sparse_export, batch, past, steps):
+    module, _, session = sparse_export
+    inputs = _inputs(torch.Generator().manual_seed(batch * past), batch, past, steps)
+    with torch.no_grad():
+        expected = module(*inputs)
+    got = session.run(None, {name: t.numpy() for name, t in zip(NAMES, inputs)})
+    np.testing.assert_allclose(got[0], expected[0].numpy(), atol=1e-4)
+    np.testing.assert_array_equal(got[3], expected[3].numpy())  # codes: only the new key was encoded
+
+
+def test_with_every_block_in_the_budget_onnx_equals_the_dense_model(tmp_path):
+    torch.manual_seed(1)
+    module = CachedGSABlock(**{**SITE, "top_k_ratio": 1.0}).eval()
+    _, session = _export(tmp_path, module, "full_budget")
+    inputs = _inputs(torch.Generator().manual_seed(7), 2, 50)
+    x, past_key, past_value, _, mask = inputs
+    with torch.no_grad():
+        batch = x.shape[0]
+        query = module.q(x).view(batch, 1, HEADS, DIM).transpose(1, 2)
+        key, value = module.kv(x).view(batch, 1, 2, KV_HEADS, DIM).permute(2, 0, 3, 1, 4)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            query, torch.cat([past_key, key], 2), torch.cat([past_value, value], 2), attn_mask=mask, enable_gqa=True
+        )
+        expected = module.out(dense.transpose(1, 2).reshape(batch, 1, -1))
+    got = session.run(None, {name: t.numpy() for name, t in zip(NAMES, inputs)})
+    np.testing.assert_allclose(got[0], expected.numpy(), atol=1e-4)
+
+
+def test_a_module_without_gsa_sites_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(GSAError, match="no GSA site"):
+        gsa_compile.export_onnx(nn.Linear(4, 4), (torch.randn(2, 4),), str(tmp_path / "linear.onnx"))
