@@ -36,6 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     parser.add_argument("--skip", default="", help="comma-separated versions to leave out: flex, naive, compile, prefill, check")
     parser.add_argument("--sweep", action="store_true", help="also time kernel tile variants at batch 8 / longest cache")
+    parser.add_argument("--profile", action="store_true", help="also print per-kernel GPU times of the GSA step")
     parser.set_defaults(handler=run)
 
 
@@ -63,6 +64,9 @@ def run(args) -> int:
         print(_compile_line(report["compile"]), flush=True)
     if args.sweep:
         report["sweep"] = bench.sweep(max(_ints(args.batches)), max(_ints(args.keys)))
+    if args.profile:
+        report["profile"] = {f"batch {b} {budget}": bench.profile(b, max(_ints(args.keys)), budget)
+                             for b in _ints(args.batches) for budget in _budgets(args.budgets)}
     _write(args.out, report)
     print(format_table(report["rows"]))
     plot(report["rows"], os.path.join(args.out, "bench.png"))
@@ -335,6 +339,44 @@ class Bench:
                   "dense_step_ms": self.median_ms(lambda: compiled_dense(query))}
         result["speedup"] = result["dense_step_ms"] / result["gsa_step_ms"]
         return result
+
+    # ---------------------------------------------------------------- profile
+    def profile(self, batch: int, num_keys: int, budget) -> dict:
+        """Average GPU time of each kernel of one GSA step (eager launches, same kernels)."""
+        torch = self.torch
+        from torch.profiler import ProfilerActivity, profile
+
+        from .. import functional as F
+
+        d = self.head_dim
+        query = self.randn(batch, self.q_heads, 1, d)
+        key = self.randn(batch, self.kv_heads, num_keys, d)
+        value = self.randn(batch, self.kv_heads, num_keys, d)
+        weight = F.hash_weights(self.kv_heads, d, 128, seed=0).to(self.device)
+        codes = F.encode(key, weight)
+        kwargs = {"budget_tokens": budget} if isinstance(budget, int) else {"top_k_ratio": budget}
+        k = F.num_selected_blocks(num_keys, CHUNK, must_select=MUST_SELECT, **kwargs)
+
+        def step():
+            blocks = F.select_blocks(query, codes, weight, chunk_size=CHUNK, num_blocks=k)
+            return F.sparse_attention(query, key, value, blocks, chunk_size=CHUNK)
+
+        step()
+        torch.cuda.synchronize()
+        runs = 20
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(runs):
+                step()
+            torch.cuda.synchronize()
+        kernels = {}
+        for event in prof.key_averages():
+            total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            if total_us:
+                kernels[event.key[:60]] = total_us / runs
+        print(f"profile batch {batch} keys {num_keys} budget {budget}:", flush=True)
+        for name, us in sorted(kernels.items(), key=lambda kv: -kv[1]):
+            print(f"  {us:9.1f} us  {name}", flush=True)
+        return kernels
 
     # ---------------------------------------------------------------- tile sweep
     def sweep(self, batch: int, num_keys: int) -> list[dict]:

@@ -59,7 +59,7 @@ def _block_score_kernel(
     sk_b, sk_h, sk_l,
     sv_b, sv_l,
     sn_b, sn_h, sn_l,
-    GROUPS: tl.constexpr, GROUP_BITS: tl.constexpr, NUM_WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
+    GROUPS: tl.constexpr, GROUP_BITS: tl.constexpr, NUM_WORDS: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
     REPRE: tl.constexpr, HAS_VALID: tl.constexpr, HAS_NORMS: tl.constexpr,
     MUST_LO: tl.constexpr, MUST_HI: tl.constexpr, FIELD_BITS: tl.constexpr, USE_POPC: tl.constexpr,
@@ -76,16 +76,15 @@ def _block_score_kernel(
     if HAS_VALID:
         ok = ok & (tl.load(valid_ptr + b * sv_b + tokens * sv_l, mask=ok, other=0) != 0)
 
-    words = tl.arange(0, BLOCK_W)
-    word_ok = words < NUM_WORDS
-    key_words = tl.load(
-        kc_ptr + b * sk_b + h * sk_h + tokens[:, :, None] * sk_l + words[None, None, :],
-        mask=ok[:, :, None] & word_ok[None, None, :], other=0,
-    ).to(tl.int32)
+    # One 2-D [blocks, tokens] tile per code word, the query's words as scalars: the XOR and
+    # popcount run on plain registers with no cross-thread reduction over words.
     hamming = tl.zeros([BLOCKS_PER_PROGRAM, BLOCK_C], dtype=tl.int32)
-    for g in tl.static_range(GROUPS):
-        q_words = tl.load(qc_ptr + b * sq_b + (h * GROUPS + g) * sq_h + words, mask=word_ok, other=0).to(tl.int32)
-        hamming += tl.sum(_popcount(key_words ^ q_words[None, None, :], USE_POPC), axis=2)
+    key_base = kc_ptr + b * sk_b + h * sk_h + tokens * sk_l
+    for w in tl.static_range(NUM_WORDS):
+        key_word = tl.load(key_base + w, mask=ok, other=0).to(tl.int32)
+        for g in tl.static_range(GROUPS):
+            query_word = tl.load(qc_ptr + b * sq_b + (h * GROUPS + g) * sq_h + w).to(tl.int32)
+            hamming += _popcount(key_word ^ query_word, USE_POPC)
     # sum over the group of (R - 2 * hamming): the +-1 dot product of the codes.
     similarity = GROUP_BITS - 2 * hamming
     count = tl.sum(ok.to(tl.int32), axis=1)
@@ -149,7 +148,7 @@ def block_scores(
         *(valid_arg.stride() if valid is not None else (0, 0)),
         *(key_norms.stride() if key_norms is not None else (0, 0, 0)),
         GROUPS=groups, GROUP_BITS=groups * 8 * num_bytes, NUM_WORDS=num_words,
-        BLOCK_W=runtime.next_power_of_2(num_words), CHUNK=chunk_size, BLOCK_C=block_c,
+        CHUNK=chunk_size, BLOCK_C=block_c,
         BLOCKS_PER_PROGRAM=per_program, REPRE=REPRE_CODES[repre],
         HAS_VALID=valid is not None, HAS_NORMS=key_norms is not None,
         MUST_LO=used_lo, MUST_HI=used_hi, FIELD_BITS=MUST_FIELD_BITS, USE_POPC=not runtime.INTERPRETING,
