@@ -10,6 +10,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="npu", help="device to run the NPU kernels on (default npu)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--keys", type=int, default=4096, help="cached keys per row (default 4096)")
+    parser.add_argument("--chunk", type=int, default=128, help="tokens per block (default 128)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.set_defaults(handler=run)
 
@@ -20,7 +21,7 @@ def run(args) -> int:
     from ..tables import format_table, write_json
 
     # Raises GSABackendUnavailable, naming what is missing, when torch_npu cannot serve.
-    results = self_check(args.device, batch=args.batch, keys=args.keys)
+    results = self_check(args.device, batch=args.batch, keys=args.keys, chunk=args.chunk)
     print(f"torch_npu {getattr(torch_npu(), '__version__', '?')}: NPU kernels on {args.device} vs the reference on cpu")
     rows = [("op", "case", "result", "ok")]
     rows += [(r.op, r.case, r.error, "yes" if r.ok else "NO") for r in results]

@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from gsa_compile import cli
 
 from .conftest import forget_npu_backend
@@ -10,7 +12,7 @@ from .conftest import forget_npu_backend
 
 def test_npu_check_passes_on_the_emulation_and_writes_json(emulated_npu, tmp_path, capsys):
     path = tmp_path / "check.json"
-    assert cli.main(["npu-check", "--device", "cpu", "--batch", "1", "--keys", "512", "--json", str(path)]) == 0
+    assert cli.main(["npu-check", "--device", "cpu", "--batch", "1", "--keys", "512", "--chunk", "32", "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "torch_npu emulation" in printed and "NO" not in printed
     results = json.loads(path.read_text())
@@ -20,18 +22,28 @@ def test_npu_check_passes_on_the_emulation_and_writes_json(emulated_npu, tmp_pat
     assert ops == {"npu_sign_bits_pack", "npu_sign_bits_unpack", "npu_fused_infer_attention_score"}
 
 
-def test_npu_check_flags_a_kernel_that_disagrees(emulated_npu, monkeypatch, tmp_path):
-    honest = emulated_npu.npu_fused_infer_attention_score
-
-    def off_by_a_little(*args, **kwargs):
-        out, lse = honest(*args, **kwargs)
+def _off_by_a_little(fia):
+    def call(*args, **kwargs):
+        out, lse = fia(*args, **kwargs)
         return out + 0.01, lse
+    return call
 
-    monkeypatch.setattr(emulated_npu, "npu_fused_infer_attention_score", off_by_a_little)
+
+def _inverted_signs(pack):
+    return lambda x, size: pack(-x, size)
+
+
+@pytest.mark.parametrize("op, broken, verdicts", [
+    ("npu_fused_infer_attention_score", _off_by_a_little,
+     {("encode", True), ("select_blocks", True), ("sparse_attention", False)}),
+    # Inverted key and query codes: the device's own selection differs from the reference's on its codes.
+    ("npu_sign_bits_pack", _inverted_signs, {("encode", False), ("select_blocks", False), ("sparse_attention", True)}),
+])
+def test_npu_check_flags_the_kernel_that_disagrees(emulated_npu, monkeypatch, tmp_path, op, broken, verdicts):
+    monkeypatch.setattr(emulated_npu, op, broken(getattr(emulated_npu, op)))
     path = tmp_path / "check.json"
-    assert cli.main(["npu-check", "--device", "cpu", "--batch", "1", "--keys", "512", "--json", str(path)]) == 1
-    verdicts = {(r["op"], r["ok"]) for r in json.loads(path.read_text())}
-    assert verdicts == {("encode", True), ("select_blocks", True), ("sparse_attention", False)}
+    assert cli.main(["npu-check", "--device", "cpu", "--batch", "1", "--keys", "512", "--chunk", "32", "--json", str(path)]) == 1
+    assert {(r["op"], r["ok"]) for r in json.loads(path.read_text())} == verdicts
 
 
 def test_npu_check_without_torch_npu_says_what_is_missing(monkeypatch, capsys):
