@@ -326,7 +326,11 @@ def train(args, model, device, pool=None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         with amp:
-            hidden = model.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            # with position ids and no mask transformers treats every jump of the ids as the
+            # start of a packed sequence and masks across it: an all-ones mask keeps one
+            # sequence per row
+            am = torch.ones_like(ids) if pos is not None else None
+            hidden = model.model(input_ids=ids, position_ids=pos, attention_mask=am, use_cache=False).last_hidden_state
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
             logits = model.lm_head(h.index_select(0, src)).float()
             loss = F.cross_entropy(logits, targets)
