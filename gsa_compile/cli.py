@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "gsa_compile.commands.npu",
     "gsa_compile.commands.bench",
     "gsa_compile.commands.demo",
+    "gsa_compile.commands.export_onnx",
 ]
 
 
