@@ -35,7 +35,7 @@ def availability() -> Optional[str]:
         return f"torch_npu is not installed; {INSTALL_HINT}"
     # torch_npu reports a missing CANN library, driver or a torch version mismatch as any of
     # ImportError, OSError or RuntimeError, so every failure of its import is one diagnosis.
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return _cannot_load(exc)
     missing = [op for op in REQUIRED_OPS if not hasattr(module, op)]
     if missing:
