@@ -144,10 +144,12 @@ def split_count(pairs: int, num_slots: int, device_index: Optional[int]) -> tupl
 
 def tile_config(chunk_size: int, dim: int, dim_v: int) -> tuple[int, int, int]:
     """(BLOCK_N tokens per tile, num_warps, num_stages) for this head size."""
+    # H200 sweep at d 128 (benchmarks/NOTES_gpu.md): tiles of 32-128 tokens, 4-8 warps and
+    # 2-4 stages all land within noise; 64 x 2 stages keeps shared memory for 3 programs/SM.
     widest = max(runtime.next_power_of_2(dim), runtime.next_power_of_2(dim_v))
     block_n = 64 if widest <= 128 else (32 if widest <= 256 else 16)
     block_n = min(block_n, max(16, runtime.next_power_of_2(chunk_size)))
-    return block_n, 4 if widest <= 128 else 8, 3 if widest <= 256 else 2
+    return block_n, 4 if widest <= 128 else 8, 2
 
 
 def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap) -> torch.Tensor:
