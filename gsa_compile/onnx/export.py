@@ -15,6 +15,9 @@ from .schemas import DOMAIN, OP_SPECS, OPSET_VERSION, register_schemas
 
 logger = logging.getLogger(__name__)
 
+# The torch.ops.gsa ops the translation table covers.
+EXPORTABLE_OPS = ("encode", "select_blocks", "sparse_attention", "attention")
+
 # Above this size onnx.save must move the weights to an external data file (protobuf's 2 GB limit).
 _EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -40,10 +43,19 @@ def capture(model, args: tuple, *, config=None, kwargs=None, dynamic_shapes=None
         program = torch.export.export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
         if not gsa_nodes(program):
             program = _rewrite(model, args, config, kwargs, dynamic_shapes)
-    if not gsa_nodes(program):
+    ops = gsa_nodes(program)
+    if not ops:
         raise GSAError(
             "the model has no GSA site to export: no attention was rewritten (every layer dense, or no "
             "attention pattern matched); see gsa_compile.export's report for why"
+        )
+    stateful = sorted({op for op in ops if op.split("::")[-1].split(".")[0] not in EXPORTABLE_OPS})
+    if stateful:
+        raise GSAError(
+            f"the graph keeps key codes in Python state ({', '.join(stateful)}: the FX route's codes cache), "
+            f"which an ONNX file cannot hold; give the model an explicit cache whose codes are inputs and "
+            f"outputs (gsa_compile.onnx.DecodeStep for transformers models, or functional.encode + torch.cat "
+            f"in your forward). Exportable gsa ops: {list(EXPORTABLE_OPS)}"
         )
     return program
 

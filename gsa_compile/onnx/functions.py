@@ -11,7 +11,7 @@ import onnx
 from onnx import AttributeProto as A
 
 from . import steps
-from .builder import BOOL, Emitter, make_function
+from .builder import BOOL, INT64_MAX, Emitter, make_function
 from .schemas import ATTENTION, DOMAIN, ENCODE, REUSE_ATTENTION, SELECT_BLOCKS, SPARSE_ATTENTION, OpSpec
 
 
@@ -75,6 +75,7 @@ class _Site:
     chunk: str
     n_blocks: str
     valid: str
+    query: str = ""
     must: str = ""
     k: str = ""
     extra: dict = field(default_factory=dict)
@@ -98,11 +99,15 @@ def _site(e: Emitter, select: Callable, read_extra: Callable = lambda attrs: {})
     dense_blocks = steps.every_block(dense_branch, "key", n_blocks)
 
     sparse_branch = e.branch()
+    # The branch runs only when T == 1; slicing the last token lets static-shape inference
+    # (onnxruntime checks both branches when it loads a model) see a one-token query.
+    site.query = sparse_branch.op("Slice", "query", sparse_branch.ints(-1), sparse_branch.ints(INT64_MAX),
+                                  sparse_branch.ints(2))
     site.must = steps.must_select_mask(sparse_branch, must_select, n_blocks)
     site.k = steps.budget(sparse_branch, n_blocks, chunk, ratio, budget_tokens, site.must)
     blocks = select(sparse_branch, site)
     sparse_out = steps.sparse_attention(
-        sparse_branch, "query", "key", "value", blocks, site.valid, bias, chunk, scale, softcap
+        sparse_branch, site.query, "key", "value", blocks, site.valid, bias, chunk, scale, softcap
     )
     sparse_blocks = steps.pad_blocks(sparse_branch, blocks, n_blocks)
 
@@ -114,7 +119,7 @@ def _site(e: Emitter, select: Callable, read_extra: Callable = lambda attrs: {})
 
 
 def _select_by_scores(e: Emitter, site: _Site) -> str:
-    similarity = steps.token_similarity(e, "query", "key_codes", "weight", "key_norms")
+    similarity = steps.token_similarity(e, site.query, "key_codes", "weight", "key_norms")
     scores = steps.block_scores(e, similarity, site.valid, site.chunk, site.n_blocks, **site.extra)
     return steps.top_blocks(e, scores, site.must, site.k, site.n_blocks)
 

@@ -129,3 +129,28 @@ def test_with_every_block_in_the_budget_onnx_equals_the_dense_model(tmp_path):
 def test_a_module_without_gsa_sites_is_refused_with_the_reason(tmp_path):
     with pytest.raises(GSAError, match="no GSA site"):
         gsa_compile.export_onnx(nn.Linear(4, 4), (torch.randn(2, 4),), str(tmp_path / "linear.onnx"))
+
+
+def test_a_module_without_gsa_ops_goes_through_the_fx_route(tmp_path):
+    from gsa_compile.capture.fx_examples import build_example
+
+    model, _ = build_example("manual")
+    config = gsa_compile.GSAConfig(num_hidden_layers=1, head_dim=8, hash_bits=8, chunk_size=2,
+                                   top_k_ratio_per_layer=[0.5], cpu_seq_len_threshold=0)
+    x = torch.randn(2, 12, 32)
+    path = tmp_path / "manual.onnx"
+    proto = gsa_compile.export_onnx(model, (x,), str(path), config=config)
+    assert {n.op_type for n in proto.graph.node if n.domain == DOMAIN} == {"Encode", "Attention"}
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got[0], model(x).numpy(), atol=1e-4)  # a prefill: GSA runs dense
+
+
+def test_a_codes_cache_kept_in_python_state_is_refused_with_the_way_out(tmp_path):
+    from gsa_compile.capture.fx_examples import build_example
+
+    model, args = build_example("decoder", layers=2)
+    config = gsa_compile.GSAConfig(num_hidden_layers=2, head_dim=8, hash_bits=8, chunk_size=4,
+                                   top_k_ratio_per_layer=[0.5, 0.5])
+    with pytest.raises(GSAError, match="explicit cache"):
+        gsa_compile.export_onnx(model, args, str(tmp_path / "decoder.onnx"), config=config)
