@@ -20,7 +20,11 @@ from .report import Report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["optimize", "inspect", "export"]
+__all__ = ["optimize", "inspect", "export", "config_for_graph"]
+
+# Layer types (transformers config.layer_types) whose attention GSA leaves dense: the window
+# already bounds what they read.
+WINDOWED_LAYER_TYPES = ("sliding", "chunked")
 
 
 def _is_transformers_model(model: Any) -> bool:
@@ -31,9 +35,21 @@ def _is_transformers_model(model: Any) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def config_for_graph(model: torch.nn.Module) -> GSAConfig:
+    """GSAConfig.for_model(model) with the model's windowed layers (sliding or chunked attention,
+    from the transformers config's layer_types) kept dense, for the graph routes."""
+    config = GSAConfig.for_model(model)
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    if layer_types and len(layer_types) == config.num_hidden_layers:
+        ratios = [1 if any(kind in str(layer_type) for kind in WINDOWED_LAYER_TYPES) else ratio
+                  for layer_type, ratio in zip(layer_types, config.top_k_ratio_per_layer)]
+        config = config.replace(top_k_ratio_per_layer=ratios)
+    return config
+
+
 def _derived_config(model: torch.nn.Module) -> Optional[GSAConfig]:
     try:
-        return GSAConfig.for_model(model)
+        return config_for_graph(model)
     except GSAConfigError as exc:
         # No attention module to size from: the passes derive one from the sites they find.
         logger.info("GSA: %s; deriving the config from the captured graph instead", exc)
@@ -84,7 +100,7 @@ def inspect(model: torch.nn.Module, *example_args, config: Any = None, **example
     resolved = resolve_config_option(config)
     derived = resolved is None
     if derived:
-        resolved = GSAConfig.for_model(model) if _is_transformers_model(model) else None
+        resolved = config_for_graph(model) if _is_transformers_model(model) else None
     report = Report(route="inspect")
 
     def capture(gm, example_inputs):

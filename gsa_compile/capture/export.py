@@ -50,7 +50,7 @@ def _context_for(model, config) -> PassContext:
     resolved = resolve_config_option(config)
     derived = False
     if resolved is None and hasattr(getattr(model, "config", None), "model_type"):
-        from ..config import GSAConfig
+        from ..api import config_for_graph
 
-        resolved, derived = GSAConfig.for_model(model), True
+        resolved, derived = config_for_graph(model), True
     return PassContext(route="torch.export", config=resolved, config_derived=derived, whole_model=True)

@@ -52,7 +52,7 @@ def cache_update_of(match, order: dict):
                 and normalize_dim(dim, 4) == SEQUENCE_DIM:
             return "cat", tensors[0], tensors[1]
         return None
-    if is_op(key, "index_copy"):
+    if is_op(key, "index_copy", "index_copy_"):  # the updated cache (in place: the op returns it)
         return _index_copy(key, key)
     # An in-place update of a cache buffer the site then reads.
     for user in key.users:

@@ -55,10 +55,13 @@ def rewrite_sites(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
         codes, norms, _ = context.codes[layer]
         reuse = blocks_of.get(context.reuse_sources.get(layer)) if context.policies[layer] == "reuse" else None
         weight = context.weights[layer]
+        scale_node, scale_op = match.scale_input or (None, "mul")
         with gm.graph.inserting_before(match.output):
             if match.projection is None:
                 call = gm.graph.call_function(
-                    gsa_site, (match.query, match.key, match.value, match.attn_mask, weight, codes, norms, reuse),
+                    gsa_site,
+                    (match.query, match.key, match.value, match.attn_mask, weight, codes, norms, reuse, scale_node,
+                     scale_op == "div"),
                     _site_options(context, match),
                 )
             else:

@@ -17,7 +17,8 @@ from .. import functional, ops
 
 def gsa_site(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], weight: Tensor,
-    key_codes: Optional[Tensor], key_norms: Optional[Tensor], reuse_blocks: Optional[Tensor], *,
+    key_codes: Optional[Tensor], key_norms: Optional[Tensor], reuse_blocks: Optional[Tensor],
+    scale_input=None, scale_divides: bool = False, *,
     key_norm_weighting: bool, invert_mask: bool, is_causal: bool, scale: Optional[float], softcap: Optional[float],
     query_permute: Optional[Sequence[int]] = None, key_permute: Optional[Sequence[int]] = None,
     value_permute: Optional[Sequence[int]] = None, output_permute: Optional[Sequence[int]] = None,
@@ -26,8 +27,12 @@ def gsa_site(
 ) -> tuple[Tensor, Tensor]:
     """key_codes (and key_norms) come from the codes state when a cache feeds the keys; None
     means no cache: the site encodes its keys now, or, when it reuses another layer's
-    selection (reuse_blocks given), computes no codes at all."""
+    selection (reuse_blocks given), computes no codes at all. scale_input: a scale the graph
+    computes (a tensor or number), folded into the query: multiplied, or divided by when
+    scale_divides."""
     query = query if query_permute is None else query.permute(*query_permute)
+    if scale_input is not None:
+        query = query / scale_input if scale_divides else query * scale_input
     key = key if key_permute is None else key.permute(*key_permute)
     key = key.transpose(-2, -1) if key_transposed else key
     value = value if value_permute is None else value.permute(*value_permute)

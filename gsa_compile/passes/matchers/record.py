@@ -22,6 +22,8 @@ class AttentionMatch:
     attn_mask: Optional[fx.Node] = None  # SDPA semantics: bool keeps True, float is added
     invert_mask: bool = False  # the mask node is a masked_fill condition (True = masked out)
     scale: Optional[float] = None  # None: 1 / sqrt(head dim)
+    # A scale computed in the graph (node, "mul" or "div"); the site folds it into q.
+    scale_input: Optional[tuple] = None
     is_causal: bool = False
     softcap: Optional[float] = None
     gqa_groups: int = 1  # query heads per KV head

@@ -56,9 +56,13 @@ def match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
         if not isinstance(kv_heads, int) or q_shape[1] % kv_heads:
             return NotProvable(node, f"query heads {q_shape[1]} are not a multiple of KV heads {kv_heads}")
         groups = q_shape[1] // kv_heads
-    scale = args.get("scale")
-    if scale is not None and not isinstance(scale, (int, float)):
-        return NotProvable(node, "scale is computed in the graph, not a constant")
+    scale, scale_input = args.get("scale"), None
+    if isinstance(scale, fx.Node):
+        # softmax(s * q.k) == softmax((s * q).k): a scale the graph computes is folded into q.
+        scale_input = (scale.args[0] if scale.op == "call_method" and scale.target == "item" else scale, "mul")
+        scale = 1.0
+    elif scale is not None and not isinstance(scale, (int, float)):
+        return NotProvable(node, f"scale {scale!r} is neither a number nor a graph value")
     mask = args.get(MASK_ARGUMENT.get(name, ""), None)
     return AttentionMatch(
         pattern=name,
@@ -68,6 +72,7 @@ def match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
         value=value_source,
         attn_mask=mask,
         scale=None if scale is None else float(scale),
+        scale_input=scale_input,
         is_causal=bool(args.get("is_causal", False)),
         gqa_groups=groups,
         gqa_unwrapped=how,

@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
+import torch
 from torch import fx
 
-from ..fx_utils import arg, bound_args, dtype, is_op, module_path, normalize_dim, op_name, real_users, shape
+from ..fx_utils import arg, bound_args, dtype, is_op, module_path, normalize_dim, op_name, real_users, shape, value
 from .record import AttentionMatch, NotProvable
 from .repeat_kv import unwrap_repeat
 
@@ -100,15 +101,22 @@ def _up_to_scores(node):
             nxt = current.args[0]
         elif name in ("mul", "div"):
             tensor_arg, const = _tensor_and_constant(current)
-            if tensor_arg is None:
-                return NotProvable(current, f"{name} by a tensor between scores and softmax: not a constant scale")
-            softcap = _softcap_of(current) if name == "mul" else None
+            softcap = _softcap_of(current) if name == "mul" and tensor_arg is not None else None
             if softcap is not None:
                 steps.append(("softcap", current, softcap[1]))
                 nxt = softcap[0]
-            else:
+            elif tensor_arg is not None:
                 steps.append(("scale", current, const if name == "mul" else 1.0 / const))
                 nxt = tensor_arg
+            else:
+                scores_side, factor = _graph_scale(current)
+                if scores_side is None:
+                    return NotProvable(current, f"{name} of the scores by a tensor that is not a scalar; not a scale")
+                if is_op(scores_side, "tanh"):
+                    return NotProvable(current, "the softcap value is computed in the graph (e.g. dynamic=True made "
+                                                "it symbolic); GSA takes a constant softcap")
+                steps.append(("graph_scale", current, (factor, name)))
+                nxt = scores_side
         elif name == "add":
             left, right = current.args[0], current.args[1] if len(current.args) > 1 else current.kwargs.get("other")
             scores_side, mask = _pick_scores_side(left, right)
@@ -149,6 +157,25 @@ def _tensor_and_constant(node: fx.Node):
     if node.op == "call_function" and op_name(node) == "mul" and isinstance(b, fx.Node) and isinstance(a, (int, float)):
         return b, float(a)
     return None, None
+
+
+def _graph_scale(node: fx.Node):
+    """(scores operand, factor node) of scores * s or scores / s where s is a scalar the graph
+    computes (a symbolic number or a 0-d tensor)."""
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    candidates = ((a, b), (b, a)) if op_name(node) == "mul" else ((a, b),)
+    for scores_side, factor in candidates:
+        if isinstance(scores_side, fx.Node) and isinstance(factor, fx.Node) and _is_scalar(factor) \
+                and _leads_to_product(scores_side):
+            return scores_side, factor
+    return None, None
+
+
+def _is_scalar(node: fx.Node) -> bool:
+    val = value(node)
+    if isinstance(val, torch.Tensor):
+        return val.dim() == 0
+    return isinstance(val, (int, float, torch.SymInt, torch.SymFloat))
 
 
 def _softcap_of(node: fx.Node):
@@ -192,14 +219,19 @@ def _is_mask_fill(fill) -> bool:
 
 def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
     """Scale, softcap and mask from the steps, read from the product towards the softmax."""
-    scale, softcap, mask, mask_kind = 1.0, None, None, ""
+    scale, softcap, mask, mask_kind, graph_scale = 1.0, None, None, "", None
     for kind, node, payload in reversed(steps):
         if kind == "cast":
             continue
-        if kind == "scale":
+        if kind in ("scale", "graph_scale"):
             if softcap is not None or mask is not None:
                 return NotProvable(node, "scores are scaled after the softcap or the mask; SDPA scales first")
-            scale *= payload
+            if kind == "scale":
+                scale *= payload
+            elif graph_scale is not None:
+                return NotProvable(node, "scores are scaled by more than one value computed in the graph")
+            else:
+                graph_scale = payload
         elif kind == "softcap":
             if mask is not None or softcap is not None:
                 return NotProvable(node, "softcap applied after the mask (or twice)")
@@ -210,7 +242,7 @@ def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
             mask, mask_kind = payload, kind
     if mask_kind == "add_mask" and not _is_float_tensor(mask):
         return NotProvable(softmax, "the tensor added to the scores is not a float mask")
-    return scale, softcap, mask, mask_kind
+    return scale, softcap, mask, mask_kind, graph_scale
 
 
 def _is_float_tensor(node) -> bool:
@@ -219,7 +251,7 @@ def _is_float_tensor(node) -> bool:
 
 
 def _finish(record, qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node, softmax: fx.Node):
-    scale, softcap, mask, mask_kind = record
+    scale, softcap, mask, mask_kind, graph_scale = record
     layout = _layout_of(qk_node, pv_node, probs_input)
     if isinstance(layout, NotProvable):
         return layout
@@ -233,6 +265,7 @@ def _finish(record, qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node, so
         attn_mask=mask,
         invert_mask=mask_kind == "fill_mask",
         scale=scale,
+        scale_input=graph_scale,
         softcap=softcap,
         layout="3d" if rank == 3 else ("bshd" if permutes[0] is not None else "bhsd"),
         query_permute=permutes[0],
