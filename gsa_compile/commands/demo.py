@@ -5,11 +5,13 @@ is dense in both modes, so it is shared), then decodes greedily twice from that 
 with the original dense attention and with GSA. It prints the rewrite table, the time per
 decode token, the attention bytes each decode token reads (dense: all of K and V; GSA: the
 codes plus the selected blocks of the selecting layers, all of K and V of the dense ones) and
-how many generated tokens agree.
+how many tokens agree: position by position between the two generated sequences, and step by
+step when GSA is fed the dense sequence (so one early difference does not decide the rest).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import statistics
@@ -87,6 +89,7 @@ def run_demo(prompt_tokens: int, new_tokens: int, layers: int, budget_tokens: in
 
     with gsa_disabled(model):
         dense_tokens, dense_seconds = _greedy(model, dense_cache, logits, new_tokens, "dense decode")
+    forced_cache = copy.deepcopy(gsa_cache)
     runtime.reset_stats()
     runtime.collect_stats = True
     try:
@@ -94,6 +97,7 @@ def run_demo(prompt_tokens: int, new_tokens: int, layers: int, budget_tokens: in
     finally:
         runtime.collect_stats = False
     stats = runtime.total_stats()
+    forced_tokens, _ = _greedy(model, forced_cache, logits, new_tokens, "GSA on the dense history", dense_tokens)
 
     decode_calls = max(new_tokens - 1, 1)
     agree = sum(a == b for a, b in zip(dense_tokens, gsa_tokens))
@@ -111,6 +115,7 @@ def run_demo(prompt_tokens: int, new_tokens: int, layers: int, budget_tokens: in
         "sparse_attention_calls": stats.sparse_calls,
         "tokens_agreeing": agree,
         "first_disagreement": next((i for i, (a, b) in enumerate(zip(dense_tokens, gsa_tokens)) if a != b), None),
+        "next_token_agreeing_on_dense_history": sum(a == b for a, b in zip(dense_tokens, forced_tokens)),
         "dense_tokens": dense_tokens,
         "gsa_tokens": gsa_tokens,
         "device": "cpu",
@@ -133,6 +138,8 @@ def format_results(result: dict) -> str:
     lines.append(
         f"generated tokens agreeing: {result['tokens_agreeing']}/{result['new_tokens']}"
         + ("" if first is None else f" (first difference at token {first})")
+        + f"; GSA's next token on the dense history: {result['next_token_agreeing_on_dense_history']}"
+        f"/{result['new_tokens']} agree"
     )
     lines.append(
         f"{result['prompt_tokens']}-token prompt, {result['layers']} layers, budget {result['budget_tokens']} tokens, "
@@ -148,16 +155,18 @@ def _forward(model, tokens, cache):
     return model(tokens, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache}).logits[:, -1]
 
 
-def _greedy(model, cache, logits, steps: int, label: str):
-    """Greedy tokens from the prefill's logits, and the seconds each decode forward took."""
+def _greedy(model, cache, logits, steps: int, label: str, feed=None):
+    """Greedy tokens from the prefill's logits, and the seconds each decode forward took. With
+    `feed`, step i feeds feed[i] instead of the token chosen at step i (teacher forcing)."""
     import torch
     from tqdm.auto import tqdm
 
     tokens, seconds = [int(logits.argmax(-1))], []
     with torch.no_grad():
-        for _ in tqdm(range(steps - 1), desc=label, unit="tok"):
+        for step in tqdm(range(steps - 1), desc=label, unit="tok"):
+            fed = tokens[-1] if feed is None else feed[step]
             start = time.perf_counter()
-            logits = _forward(model, torch.tensor([[tokens[-1]]]), cache)
+            logits = _forward(model, torch.tensor([[fed]]), cache)
             seconds.append(time.perf_counter() - start)
             tokens.append(int(logits.argmax(-1)))
     return tokens, seconds or [float("nan")]

@@ -132,3 +132,14 @@ def test_mla_codes_are_codes_of_expanded_keys():
     cache = generated_cache(out)
     assert cache.layers[1].codes.shape[1] == original.config.num_attention_heads
     assert assert_codes_match_keys(cache) == 2
+
+
+def test_reoptimizing_reencodes_a_cache_once_with_the_new_weights():
+    original = build("llama")
+    model = optimize_transformers(original, gsa_config(original))
+    cache = DynamicCache(config=model.config)
+    decode_logits(model, _prompt(), 2, cache=cache)
+    model = optimize_transformers(model, gsa_config(original, hash_seed=5))
+    decode_logits(model, _prompt()[:, :1], 1, cache=cache)
+    assert model.gsa_runtime.sites[1].stats.encoded_tokens == PROMPT + 2 + 2
+    assert assert_codes_match_keys(cache) == 2
