@@ -154,3 +154,26 @@ def test_a_codes_cache_kept_in_python_state_is_refused_with_the_way_out(tmp_path
                                    top_k_ratio_per_layer=[0.5, 0.5])
     with pytest.raises(GSAError, match="explicit cache"):
         gsa_compile.export_onnx(model, args, str(tmp_path / "decoder.onnx"), config=config)
+
+
+def test_a_float16_model_runs_in_onnxruntime_like_pytorch(tmp_path):
+    torch.manual_seed(2)
+    module = CachedGSABlock(**SITE).eval().half()
+    module.hash_weight = module.hash_weight.float()  # hash weights stay float32 (the op contract)
+
+    def half(inputs):
+        return tuple(t.half() if t.is_floating_point() else t for t in inputs)
+
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path / "half.onnx"
+    with torch.no_grad():
+        gsa_compile.export_onnx(module, half(_inputs(gen, 2, 20, steps=2)), str(path),
+                                dynamic_shapes=_dynamic_shapes(), input_names=NAMES)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = half(_inputs(gen, 3, 45))
+    with torch.no_grad():
+        expected = module(*inputs)
+    got = session.run(None, {name: t.numpy() for name, t in zip(NAMES, inputs)})
+    assert got[0].dtype == np.float16
+    np.testing.assert_allclose(got[0].astype(np.float32), expected[0].float().numpy(), atol=2e-3)
+    np.testing.assert_array_equal(got[3], expected[3].numpy())
