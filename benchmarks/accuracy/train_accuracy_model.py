@@ -94,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--advance-acc", type=float, default=0.9)
     p.add_argument("--min-stage-steps", type=int, default=30)
     p.add_argument("--reach-max-at", type=float, default=0.45)
-    p.add_argument("--deadline-min-acc", type=float, default=0.5,
+    p.add_argument("--deadline-min-acc", type=float, default=0.8,
                    help="a stage's deadline moves on only once its accuracy is at least this "
                         "(a model still on the initial plateau keeps the short length)")
     p.add_argument("--mix-shorter", type=float, default=0.25)
@@ -116,6 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--eval-batch", type=int, default=25)
     p.add_argument("--eval-attn", type=str, default="sdpa")
+    p.add_argument("--eval-dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on CUDA (flash SDPA with GQA; fp32 SDPA with GQA falls back "
+                        "to the math kernel, which needs B*Hq*L*L*4 bytes), float32 on the CPU")
     p.add_argument("--eval-budget", type=float, default=0.0,
                    help="seconds for evaluation (0: no limit); cells run shortest length first and "
                         "those left when it is spent are reported as null")
@@ -159,17 +162,18 @@ def make_batch(seed, length: int, batch: int, copy_frac: float = 0.0, pose_max: 
     """``batch`` training rows of ``length`` tokens from the stream ``seed``: the three
     tasks uniformly (several questions each; in short rows records fill at most half the
     row), a ``copy_frac`` share of copy drills, and with ``pose_max`` stretched position
-    ids.  Returns numpy ids, target mask, per-row task flag and positions (or None)."""
+    ids.  Returns numpy ids, target mask, per-row task index (-1: drill) and positions (or None)."""
     rng = np.random.default_rng(seed)
     ids = np.empty((batch, length), dtype=np.int64)
     mask = np.empty((batch, length), dtype=bool)
-    is_task = np.ones(batch, dtype=bool)
+    row_task = np.empty(batch, dtype=np.int64)  # index into T.TASKS, -1 for a copy drill
     for b in range(batch):
         if copy_frac > 0 and rng.random() < copy_frac:
             ids[b], mask[b] = copy_sequence(rng, length)
-            is_task[b] = False
+            row_task[b] = -1
             continue
-        task = T.TASKS[int(rng.integers(len(T.TASKS)))]
+        row_task[b] = int(rng.integers(len(T.TASKS)))
+        task = T.TASKS[row_task[b]]
         cap = max(1, (length // 2) // RECORD_LEN[task])
         nq = int(rng.integers(1, min(MAX_QUERIES[task], cap) + 1))
         while True:
@@ -181,7 +185,7 @@ def make_batch(seed, length: int, batch: int, copy_frac: float = 0.0, pose_max: 
                     raise
                 nq -= 1
     pos = stretched_positions(rng, batch, length, pose_max) if pose_max > length else None
-    return ids, mask, is_task, pos
+    return ids, mask, row_task, pos
 
 
 def stretched_positions(rng: np.random.Generator, batch: int, length: int, pose_max: int) -> np.ndarray:
@@ -207,7 +211,7 @@ def lr_at(args, step: int, frac: float) -> float:
 
 class Curriculum:
     """Context lengths min_len, 2*min_len, ..., max_len.  Stage s+1 starts once the
-    running answer-token accuracy at stage s's length reaches ``advance_acc`` (after
+    running answer-token accuracy of the worst task at stage s's length reaches ``advance_acc`` (after
     ``min_steps`` steps there), or at ``deadline[s+1]`` of the budget provided the
     accuracy is at least ``deadline_min_acc`` (the retrieval circuit exists)."""
 
@@ -222,6 +226,7 @@ class Curriculum:
         self.deadline = [args.reach_max_at * s / max(1, n - 1) for s in range(n)]
         self.args = args
         self.stage, self.stage_steps, self.ema, self.ema_n = 0, 0, 0.0, 0
+        self.task_ema = [None] * len(T.TASKS)
         self.history = []
 
     @property
@@ -232,10 +237,21 @@ class Curriculum:
     def last(self) -> bool:
         return self.stage == len(self.lengths) - 1
 
-    def record(self, stage: int, acc: float) -> None:
-        if stage == self.stage:
-            self.ema = acc if self.ema_n == 0 else 0.9 * self.ema + 0.1 * acc
-            self.ema_n += 1
+    def record(self, stage: int, per_task) -> None:
+        """Fold one step's per-task [hits], [targets] into the per-task running
+        accuracies; ``ema`` is the worst task's (0 until every task has been seen)."""
+        if stage != self.stage:
+            return
+        hits, counts = per_task
+        for i, (h, c) in enumerate(zip(hits, counts)):
+            if c > 0:
+                a = h / c
+                self.task_ema[i] = a if self.task_ema[i] is None else 0.9 * self.task_ema[i] + 0.1 * a
+        self.ema_n += 1
+        self.ema = 0.0 if None in self.task_ema else min(self.task_ema)
+
+    def task_ema_str(self) -> str:
+        return "/".join("-" if e is None else f"{e:.3f}" for e in self.task_ema)
 
     def maybe_advance(self, step: int, elapsed: float, frac: float) -> None:
         a = self.args
@@ -246,6 +262,7 @@ class Curriculum:
                 return
             self.stage += 1
             self.stage_steps, self.ema, self.ema_n = 0, 0.0, 0
+            self.task_ema = [None] * len(T.TASKS)
             why = "accuracy" if by_acc else "deadline"
             log(f"step {step}: stage {self.stage} -> length {self.length} ({why}, t={elapsed:.0f}s)")
             self.history.append({"step": step, "time_s": round(elapsed, 1), "stage": self.stage,
@@ -294,8 +311,8 @@ def train(args, model, device, pool=None) -> dict:
         if elapsed >= args.time_budget or (args.max_steps and step >= args.max_steps):
             break
         if len(pending) >= args.sync_every:
-            for st, acc_t in pending:  # one device sync for several steps
-                cur.record(st, float(acc_t))
+            for st, pt in pending:  # one device sync for several steps
+                cur.record(st, pt.tolist())
             pending.clear()
         before = cur.stage
         cur.maybe_advance(step, elapsed, frac)
@@ -307,14 +324,14 @@ def train(args, model, device, pool=None) -> dict:
         while len(queue) < max(1, args.prefetch):
             request()
         stage_of_batch, fut = queue.popleft()
-        ids, mask, is_task, pos = fut.result() if pool else fut
+        ids, mask, row_task, pos = fut.result() if pool else fut
         batch, length = ids.shape
         # flat indices of the positions whose next token is a target (built on the host:
         # no device sync for boolean indexing)
         src = np.flatnonzero(mask[:, 1:])
         targets = ids[:, 1:].reshape(-1)[src]
-        task_t = np.repeat(is_task, length - 1)[src]
-        n_task = int(task_t.sum())
+        task_t = np.repeat(row_task, length - 1)[src]  # task of each target, -1: drill
+        n_task = int((task_t >= 0).sum())
         ids, src, targets, task_t = (torch.from_numpy(np.ascontiguousarray(x)) for x in (ids, src, targets, task_t))
         pos = torch.from_numpy(pos) if pos is not None else None
         if device.type == "cuda":
@@ -345,9 +362,13 @@ def train(args, model, device, pool=None) -> dict:
         opt.step()
 
         with torch.no_grad():
-            acc_t = ((logits.argmax(-1) == targets).float() * task_t).sum() / max(1, n_task)
+            # per task: [hits, targets]; the curriculum follows the worst task
+            hit = (logits.argmax(-1) == targets).float()
+            onehot = (task_t[:, None] == torch.arange(len(T.TASKS), device=task_t.device)[None]).float()
+            per_task = torch.stack([hit @ onehot, onehot.sum(0)])
+            acc_t = per_task[0].sum() / max(1, n_task)
         if stage_of_batch >= 0 and n_task > 0:
-            pending.append((stage_of_batch, acc_t))
+            pending.append((stage_of_batch, per_task))
         step += 1
         cur.stage_steps += 1
         tokens += ids.numel()
@@ -358,7 +379,7 @@ def train(args, model, device, pool=None) -> dict:
             last_log_t, last_log_tokens = now, tokens
             log(
                 f"step {step} t={now - t0:.0f}s len={length} bs={batch} loss={loss.item():.4f} "
-                f"acc={acc_t.item():.3f} ema@{cur.length}={cur.ema:.3f} lr={lr:.2e} "
+                f"acc={acc_t.item():.3f} task-ema@{cur.length}={cur.task_ema_str()} lr={lr:.2e} "
                 f"gnorm={gnorm.item():.2f} tok/s={tps:,.0f}"
             )
     if device.type == "cuda":
@@ -373,7 +394,8 @@ def train(args, model, device, pool=None) -> dict:
         "train_time_s": round(train_time, 1),
         "tokens_per_s": round(tokens / max(1e-9, train_time)),
         "final_stage_length": cur.length,
-        "final_train_answer_token_acc_ema": round(cur.ema, 4),
+        "final_train_answer_token_acc_ema_worst_task": round(cur.ema, 4),
+        "final_train_answer_token_acc_ema_per_task": dict(zip(T.TASKS, cur.task_ema)),
         "curriculum": cur.lengths,
         "stage_changes": cur.history,
     }
@@ -405,9 +427,11 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # held-out dense accuracy of the weights exactly as saved (bf16 on disk, run in fp32)
+    # held-out dense accuracy of the weights exactly as saved (bf16 on disk)
     t1 = time.time()
-    m = acc_model.load_accuracy_model(args.out_dir, attn_implementation=args.eval_attn, device=device)
+    eval_dtype = args.eval_dtype if args.eval_dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    m = acc_model.load_accuracy_model(args.out_dir, attn_implementation=args.eval_attn, device=device,
+                                      dtype=getattr(torch, eval_dtype))
     lens = [int(x) for x in args.eval_lens.split(",") if x]
     table: dict = {task: {} for task in T.TASKS}
     for L in sorted(lens):
@@ -425,7 +449,7 @@ def main(argv=None) -> int:
     results = {
         "dense_accuracy": table,
         "eval": {"n_per_cell": args.eval_n, "seed": args.eval_seed, "attn_implementation": args.eval_attn,
-                 "dtype": "float32 (weights stored bf16)", "device": str(device), "time_s": round(eval_time, 1)},
+                 "dtype": f"{eval_dtype} (weights stored bf16)", "device": str(device), "time_s": round(eval_time, 1)},
         "training": stats,
         "model": {"params": n_params, "safetensors_bytes": size, "config": json.loads((args.out_dir / "config.json").read_text())},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
