@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from .capture.dynamo_backend import COMPILERS, gsa_backend, resolve_config_option
+from .capture.dynamo_backend import COMPILERS, gsa_backend, parameter_names, resolve_config_option
 from .capture.export import export
 from .config import GSAConfig
 from .errors import GSAConfigError
@@ -79,7 +79,8 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
     if derived:
         resolved = _derived_config(model)
     reports: list = []
-    options = {"config": resolved, "config_derived": derived, "compiler": compiler, "reports": reports}
+    options = {"config": resolved, "config_derived": derived, "compiler": compiler, "reports": reports,
+               "parameter_names": parameter_names(model)}
     model.compile(backend=gsa_backend, options=options)
     model.gsa_reports = reports
     model.gsa_codes_state = options.setdefault("codes_state", None) or _state_placeholder(options)
@@ -102,10 +103,11 @@ def inspect(model: torch.nn.Module, *example_args, config: Any = None, **example
     if derived:
         resolved = config_for_graph(model) if _is_transformers_model(model) else None
     report = Report(route="inspect")
+    names = parameter_names(model)
 
     def capture(gm, example_inputs):
         context = PassContext(route="inspect", config=resolved, config_derived=derived, rewrite=False,
-                              whole_model=False)
+                              whole_model=False, parameter_names=names)
         run_pipeline(gm, context)
         report.sites.extend(context.report.sites)
         report.unmatched.extend(context.report.unmatched)

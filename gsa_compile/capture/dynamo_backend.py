@@ -13,7 +13,9 @@ it works without importing gsa_compile first. Options:
     codes_state a CodesState shared by every graph of this compiled model (created on first use
                 and kept in the options dict, so recompiles keep the codes already computed)
     config_derived  True when `config` was derived for the model (GSAConfig.for_model) and
-                may be re-derived with the number of sites found"""
+                may be re-derived with the number of sites found
+    parameter_names id(parameter) -> qualified name in the model (parameter_names(model)), to
+                number layers of graphs dynamo captured below the model's root"""
 
 from __future__ import annotations
 
@@ -31,7 +33,13 @@ from ..passes.codes_state import new_state
 logger = logging.getLogger(__name__)
 
 COMPILERS = ("inductor", "aot_eager", "eager")
-OPTIONS = ("config", "compiler", "reports", "codes_state", "config_derived")
+OPTIONS = ("config", "compiler", "reports", "codes_state", "config_derived", "parameter_names")
+
+
+def parameter_names(model: torch.nn.Module) -> dict:
+    """id(tensor) -> qualified name for every parameter and buffer of `model`."""
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return {id(tensor): name for name, tensor in named}
 
 
 def resolve_config_option(config: Any) -> Optional[GSAConfig]:
@@ -61,6 +69,7 @@ def gsa_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = No
         config_derived=bool(options.get("config_derived", False)),
         whole_model=False,
         state=state,
+        parameter_names=options.get("parameter_names") or {},
     )
     gm = run_pipeline(gm, context)
     if options.get("reports") is not None:
@@ -77,4 +86,4 @@ def hand_on(gm: fx.GraphModule, example_inputs, compiler: str):
     return lookup_backend(compiler)(gm, example_inputs)
 
 
-__all__ = ["gsa_backend", "hand_on", "resolve_config_option", "COMPILERS"]
+__all__ = ["gsa_backend", "hand_on", "parameter_names", "resolve_config_option", "COMPILERS"]

@@ -35,6 +35,7 @@ class PassContext:
     weights: dict = field(default_factory=dict)  # layer -> get_attr node of its hash weight
     codes: dict = field(default_factory=dict)  # layer -> (codes node, norms node or None, cache kind)
     numbering: str = ""  # how layers were numbered: "module_path" or "graph_order"
+    parameter_names: dict = field(default_factory=dict)  # id(parameter tensor) -> qualified name
 
     def __post_init__(self):
         if self.report is None:

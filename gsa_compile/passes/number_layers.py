@@ -2,7 +2,14 @@
 
 From the module path when every site sits in its own numbered module (`model.layers.3.self_attn`
 -> 3, the model's own layer index, stable across graph breaks and recompiles); otherwise by
-graph order (0, 1, ... in the order the sites compute)."""
+graph order (0, 1, ... in the order the sites compute).
+
+When dynamo compiles a submodule's forward as its own frame (after a graph break inside a loop
+over layers), module paths start at that submodule and carry no index, and the one compiled
+graph then serves every layer of that class: no layer id can be baked into it. When the caller
+knows the model's parameter names (context.parameter_names, given by optimize and inspect) and
+the site's weights live below a numbered module of the model, such sites are left dense and
+reported, instead of all being given one layer's id."""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import re
 
 from torch import fx
 
+from ..report import Unmatched
 from .context import PassContext
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -21,7 +29,42 @@ def layer_index_of(module_path: str):
     return int(found[-1]) if found else None
 
 
+def _refuse_per_layer_frames(context: PassContext) -> None:
+    kept = []
+    for match in context.matches:
+        inside = layer_index_of(_path_from_parameters(match, context.parameter_names))
+        if layer_index_of(match.module_path) is None and inside is not None:
+            context.report.unmatched.append(Unmatched(
+                location=f"layer {inside}:{match.output.name}",
+                reason="captured in a frame of one layer's module (a graph break inside the loop over layers?); "
+                       "dynamo reuses that graph for every layer, so no layer id can be given to it. Compile "
+                       "with fullgraph=True or move the graph break out of the layer loop"))
+        else:
+            kept.append(match)
+    context.matches = kept
+
+
+def _path_from_parameters(match, names: dict) -> str:
+    """Qualified name of the parameter nearest upstream of the site's query, or ''."""
+    seen, frontier = set(), [match.query]
+    while frontier:
+        following = []
+        for node in frontier:
+            if node in seen:
+                continue
+            seen.add(node)
+            grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
+            example = getattr(grapharg, "example", None) if grapharg is not None else None
+            if example is not None and id(example) in names:
+                return names[id(example)]
+            following.extend(node.all_input_nodes)
+        frontier = following
+    return ""
+
+
 def number_layers(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
+    if context.parameter_names:
+        _refuse_per_layer_frames(context)
     ids = [layer_index_of(match.module_path) for match in context.matches]
     if context.matches and None not in ids and len(set(ids)) == len(ids):
         context.numbering = "module_path"

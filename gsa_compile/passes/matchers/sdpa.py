@@ -83,8 +83,10 @@ def match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
 
 
 def _only_first_output(node: fx.Node) -> Optional[fx.Node]:
-    """The getitem(node, 0) user when it is the only use of the tuple."""
+    """The getitem(node, 0) user when no other output of the tuple is read."""
     users = real_users(node)
-    if len(users) == 1 and is_op(users[0], "getitem") and users[0].args[1] == 0:
-        return users[0]
-    return None
+    if not all(is_op(user, "getitem") for user in users):
+        return None
+    first = [user for user in users if user.args[1] == 0]
+    others_read = any(real_users(user) for user in users if user.args[1] != 0)
+    return first[0] if len(first) == 1 and not others_read else None
