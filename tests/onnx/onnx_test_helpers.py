@@ -22,6 +22,9 @@ _ELEM = {
     np.dtype(np.bool_): onnx.TensorProto.BOOL,
 }
 
+# The IR version torch.onnx writes; newer onnx releases default to IRs older onnxruntimes refuse.
+IR_VERSION = 10
+
 _OUTPUT_TYPES = {"T": onnx.TensorProto.FLOAT, "tensor(int32)": onnx.TensorProto.INT32, "tensor(uint8)": onnx.TensorProto.UINT8}
 
 
@@ -59,7 +62,8 @@ class GSANode:
         ]
         graph = helper.make_graph([node], f"one_{op}", inputs, outputs)
         model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, OPSET_VERSION)]
+            graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
+            ir_version=IR_VERSION,
         )
         self.model = attach_functions(model)
         onnx.checker.check_model(self.model, full_check=True)

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper
-from onnx_test_helpers import GSANode, additive, site_attrs
+from onnx_test_helpers import IR_VERSION, GSANode, additive, site_attrs
 
 from gsa_compile import functional as F
 from gsa_compile import ops
@@ -46,7 +46,8 @@ def test_onnx_topk_breaks_ties_to_the_lower_index():
         [helper.make_tensor_value_info("values", onnx.TensorProto.DOUBLE, [None, None]),
          helper.make_tensor_value_info("indices", onnx.TensorProto.INT64, [None, None])],
     )
-    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]).SerializeToString())
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=IR_VERSION)
+    session = ort.InferenceSession(model.SerializeToString())
     rng = np.random.default_rng(0)
     for n in (5, 64, 1000):
         scores = rng.integers(-2, 3, size=(4, n)).astype(np.float64)
