@@ -16,6 +16,7 @@ from .capture.export import export
 from .config import GSAConfig
 from .errors import GSAConfigError
 from .passes import PassContext, run_pipeline
+from .passes.codes_state import CodesState
 from .report import Report
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
     hands the graph to `compiler` ("inductor", "aot_eager" or "eager"); the same object is
     returned. config: GSAConfig, shipped name, JSON path, or None (GSAConfig.for_model, re-derived
     with the number of attention sites the graph holds). After the first call,
-    `model.gsa_reports` lists what each compiled graph rewrote."""
+    `model.gsa_reports` lists what each compiled graph rewrote; `model.gsa_codes_state` holds
+    the key codes of the cached keys."""
     if _is_transformers_model(model):
         from .capture.hf import optimize_transformers
 
@@ -79,19 +81,13 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
     if derived:
         resolved = _derived_config(model)
     reports: list = []
+    state = CodesState()
     options = {"config": resolved, "config_derived": derived, "compiler": compiler, "reports": reports,
-               "parameter_names": parameter_names(model)}
+               "parameter_names": parameter_names(model), "codes_state": state}
     model.compile(backend=gsa_backend, options=options)
     model.gsa_reports = reports
-    model.gsa_codes_state = options.setdefault("codes_state", None) or _state_placeholder(options)
+    model.gsa_codes_state = state
     return model
-
-
-def _state_placeholder(options: dict):
-    from .passes.codes_state import new_state
-
-    options["codes_state"] = new_state()
-    return options["codes_state"]
 
 
 def inspect(model: torch.nn.Module, *example_args, config: Any = None, **example_kwargs) -> Report:

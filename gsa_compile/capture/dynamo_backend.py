@@ -28,7 +28,7 @@ from torch import fx
 from ..config import GSAConfig, load_config
 from ..errors import GSAConfigError
 from ..passes import PassContext, run_pipeline
-from ..passes.codes_state import new_state
+from ..passes.codes_state import CodesState
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def gsa_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = No
     compiler = options.get("compiler", "inductor")
     if compiler not in COMPILERS:
         raise GSAConfigError(f"gsa backend option compiler must be one of {list(COMPILERS)}, got {compiler!r}")
-    state = options.setdefault("codes_state", new_state()) if isinstance(options, dict) else new_state()
+    state = options.setdefault("codes_state", CodesState())
     context = PassContext(
         route="torch.compile",
         config=resolve_config_option(options.get("config")),

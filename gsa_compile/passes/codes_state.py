@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 PER_KEY_QUANTITIES = ("codes", "norms")
 
 
+_STATES: dict = {}
+
+
 @dataclass
 class CodesState:
     """Per-site codes (and key norms) of the keys a rewritten graph has cached."""
@@ -40,25 +43,17 @@ class CodesState:
     keys_encoded: int = 0  # keys (rows x heads x positions) encoded so far, for tests and logs
     full_reencodes: int = 0  # times stored codes could not be trusted and a cache was encoded whole
 
+    def __post_init__(self):
+        _STATES[self.id] = self  # the ops find their state by the id baked into the graph
+
     def reset(self) -> None:
         """Forget every stored code (e.g. before reusing a static cache for another request)."""
         self.entries.clear()
 
 
-_STATES: dict[str, CodesState] = {}
-
-
-def new_state() -> CodesState:
-    state = CodesState()
-    _STATES[state.id] = state
-    return state
-
-
 def state_for(state_id: str) -> CodesState:
     """The state with this id; a graph loaded in another process starts with an empty one."""
-    if state_id not in _STATES:
-        _STATES[state_id] = CodesState(id=state_id)
-    return _STATES[state_id]
+    return _STATES[state_id] if state_id in _STATES else CodesState(id=state_id)
 
 
 def _per_key(keys: Tensor, weight: Tensor, what: str) -> Tensor:

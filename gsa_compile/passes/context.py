@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..config import GSAConfig
 from ..report import Report
-from .codes_state import CodesState, new_state
+from .codes_state import CodesState
 
 
 @dataclass
@@ -25,7 +25,7 @@ class PassContext:
     rewrite: bool = True
     whole_model: bool = True
     config_derived: bool = False
-    state: CodesState = field(default_factory=new_state)
+    state: CodesState = field(default_factory=CodesState)
     report: Report = None
     matches: list = field(default_factory=list)  # AttentionMatch, in graph order
     policies: dict = field(default_factory=dict)  # layer -> "sparse" | "dense" | "reuse"

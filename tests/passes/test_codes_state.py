@@ -1,0 +1,135 @@
+"""Codes state: each key is encoded once, beside the cache update that brings it in, with no
+recompilation per decode step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from gsa_compile import ops
+from gsa_compile.capture.dynamo_backend import gsa_backend
+from gsa_compile.capture.fx_examples import ManualAttentionBlock, StaticCacheAttention, TinyDecoder
+from gsa_compile.passes.codes_state import CodesState
+
+from helpers import EXACT, config, run_compiled
+
+LAYERS, KV_HEADS, PROMPT, STEPS = 3, 2, 16, 6
+
+
+def _compiled_decoder(cfg, state=None):
+    torch.manual_seed(0)
+    model = TinyDecoder(layers=LAYERS, kv_heads=KV_HEADS).eval()
+    options = {"config": cfg, "compiler": "eager", "reports": []}
+    if state is not None:
+        options["codes_state"] = state
+    torch._dynamo.reset()
+    return model, torch.compile(model, backend=gsa_backend, options=options), options
+
+
+def _generate(model, ids, steps, cache=None):
+    """Greedy decode: prefill then `steps` one-token calls; (logits of each step, final cache)."""
+    cache = cache if cache is not None else model.empty_cache()
+    logits, cache = model(ids, cache)
+    outputs = [logits[:, -1]]
+    for _ in range(steps):
+        logits, cache = model(logits[:, -1:].argmax(-1), cache)
+        outputs.append(logits[:, -1])
+    return outputs, cache
+
+
+def _full_budget(**changes):
+    return config(layers=LAYERS, head_dim=8, chunk_size=4, **changes)
+
+
+def test_growing_cache_encodes_each_key_once_without_recompiling():
+    model, compiled, options = _compiled_decoder(_full_budget())
+    ids = torch.randint(0, 64, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference, _ = _generate(model, ids, STEPS)
+        counters.clear()
+        _generate(compiled, ids, 3)  # prefill, then decode steps until shapes go dynamic
+        graphs_after_warmup = counters["stats"]["unique_graphs"]
+        state = options["codes_state"]
+        state.reset()
+        state.keys_encoded = 0
+        got, cache = _generate(compiled, ids, STEPS)
+    assert counters["stats"]["unique_graphs"] == graphs_after_warmup, "a decode step recompiled"
+    for want, have in zip(reference, got):
+        torch.testing.assert_close(have, want, **EXACT)
+    assert state.full_reencodes == 0
+    assert state.keys_encoded == LAYERS * KV_HEADS * (PROMPT + STEPS)
+    for layer, (key, _) in enumerate(cache):
+        weight = getattr(_LAST_REWRITTEN["gm"], f"gsa_hash_weight_{layer}")
+        torch.testing.assert_close(state.entries[(layer, "codes")], ops.encode(key, weight), rtol=0, atol=0)
+
+
+# The graph module the backend rewrote last (every graph of a model holds the same seeded weights).
+_LAST_REWRITTEN = {}
+
+
+@pytest.fixture(autouse=True)
+def remember_rewritten_graphs(monkeypatch):
+    from gsa_compile.capture import dynamo_backend
+
+    original = dynamo_backend.run_pipeline
+
+    def recording(gm, context):
+        _LAST_REWRITTEN["gm"] = original(gm, context)
+        return _LAST_REWRITTEN["gm"]
+
+    monkeypatch.setattr(dynamo_backend, "run_pipeline", recording)
+
+
+def test_new_sequence_is_detected_and_encoded_once():
+    model, compiled, options = _compiled_decoder(_full_budget())
+    first = torch.randint(0, 64, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    second = torch.randint(0, 64, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _generate(compiled, first, 2)
+        state = options["codes_state"]
+        # The same cache length, other keys: the stored codes must not be reused.
+        cache = model.empty_cache()
+        _, cache = model(second, cache)
+        logits, _ = compiled(second[:, :1], cache)
+        want, _ = model(second[:, :1], cache)
+    torch.testing.assert_close(logits, want, **EXACT)
+    assert state.full_reencodes == LAYERS
+
+
+def test_key_norms_kept_beside_codes():
+    model, compiled, options = _compiled_decoder(_full_budget(key_norm_weighting=True))
+    ids = torch.randint(0, 64, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, cache = _generate(compiled, ids, 2)
+        want, _ = _generate(model, ids, 2)
+    torch.testing.assert_close(got[-1], want[-1], **EXACT)
+    state = options["codes_state"]
+    for layer, (key, _) in enumerate(cache):
+        torch.testing.assert_close(state.entries[(layer, "norms")], torch.linalg.vector_norm(key, dim=-1))
+
+
+def test_static_cache_index_copy_mirrors_the_cache():
+    torch.manual_seed(0)
+    module = StaticCacheAttention(max_len=32).eval()
+    reference = StaticCacheAttention(max_len=32).eval()
+    reference.load_state_dict(module.state_dict())
+    state = CodesState()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=gsa_backend, options={
+        "config": config(head_dim=8, chunk_size=4, budget_tokens=32), "compiler": "eager", "codes_state": state})
+    x = torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x[:, :8], torch.arange(8)), reference(x[:, :8], torch.arange(8)), **EXACT)
+        for step in range(8, 12):
+            got = compiled(x[:, step:step + 1], torch.tensor([step]))
+            torch.testing.assert_close(got, reference(x[:, step:step + 1], torch.tensor([step])), **EXACT)
+    weight = _LAST_REWRITTEN["gm"].gsa_hash_weight_0
+    torch.testing.assert_close(state.entries[(0, "codes")], ops.encode(module.key_cache, weight), rtol=0, atol=0)
+    heads = module.heads
+    assert state.keys_encoded == heads * 32 + heads * 4  # the whole cache once, then one key per step
+
+
+def test_no_cache_encodes_at_call_time():
+    _, report = run_compiled(ManualAttentionBlock().eval(), config(head_dim=8), torch.randn(1, 8, 32))
+    assert report.sites[0].note == "codes: call time"
