@@ -99,9 +99,6 @@ def _decode_mask(attention_mask, query, key) -> Optional[torch.Tensor]:
     """The mask row of a single-query call as [B, 1 or Hq, 1, L] (a tensor mask only)."""
     if not isinstance(attention_mask, torch.Tensor) or query.shape[2] != 1:
         return None
-    if attention_mask.dim() == 2:
-        # A [B, L] padding mask (1 = attend), as flash-style mask functions produce.
-        return attention_mask.bool()[:, None, None, :]
     return common.mask_to_4d(attention_mask)[..., -1:, : key.shape[2]]
 
 
