@@ -10,13 +10,14 @@ import onnx
 import torch
 
 from ..errors import GSAError
+from .codes_io import lift_codes_state
 from .functions import build_function
 from .schemas import DOMAIN, OP_SPECS, OPSET_VERSION, register_schemas
 
 logger = logging.getLogger(__name__)
 
 # The torch.ops.gsa ops the translation table covers.
-EXPORTABLE_OPS = ("encode", "select_blocks", "sparse_attention", "attention")
+EXPORTABLE_OPS = ("encode", "select_blocks", "sparse_attention", "attention", "cached_codes_cat")
 
 # Above this size onnx.save must move the weights to an external data file (protobuf's 2 GB limit).
 _EXTERNAL_DATA_BYTES = 1 << 30
@@ -52,10 +53,10 @@ def capture(model, args: tuple, *, config=None, kwargs=None, dynamic_shapes=None
     stateful = sorted({op for op in ops if op.split("::")[-1].split(".")[0] not in EXPORTABLE_OPS})
     if stateful:
         raise GSAError(
-            f"the graph keeps key codes in Python state ({', '.join(stateful)}: the FX route's codes cache), "
-            f"which an ONNX file cannot hold; give the model an explicit cache whose codes are inputs and "
-            f"outputs (gsa_compile.onnx.DecodeStep for transformers models, or functional.encode + torch.cat "
-            f"in your forward). Exportable gsa ops: {list(EXPORTABLE_OPS)}"
+            f"the graph updates key codes of a static cache in place ({', '.join(stateful)}), which the ONNX "
+            f"export does not lift to inputs and outputs; give the model a growing cache (torch.cat) or "
+            f"codes as explicit inputs (gsa_compile.onnx.DecodeStep for transformers models, or "
+            f"functional.encode + torch.cat in your forward). Exportable gsa ops: {list(EXPORTABLE_OPS)}"
         )
     return program
 
@@ -125,7 +126,7 @@ def export_onnx(
         program, dynamo=True, custom_translation_table=translation_table(),
         input_names=input_names, output_names=output_names, optimize=True, verbose=False,
     )
-    proto = attach_functions(onnx_program.model_proto)
+    proto = attach_functions(lift_codes_state(onnx_program.model_proto))
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
         large = proto.ByteSize() > _EXTERNAL_DATA_BYTES

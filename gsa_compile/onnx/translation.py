@@ -15,10 +15,14 @@ import torch
 from onnxscript import opset18 as op
 
 from ..errors import GSAInputError
+from ..passes import codes_state  # noqa: F401  (registers gsa::cached_codes_cat)
+from .codes_io import PLACEHOLDER_DOMAIN, PLACEHOLDERS, register_placeholder_schemas
 from .schemas import DOMAIN, OPSET_VERSION, register_schemas
 
 register_schemas()
+register_placeholder_schemas()
 gsa = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
+placeholders = onnxscript.values.Opset(PLACEHOLDER_DOMAIN, 1)
 
 _TORCH_DTYPES = {
     ir.DataType.FLOAT: torch.float32,
@@ -46,11 +50,13 @@ def _additive_mask(attn_mask, query):
     """rank-4 additive mask in the query's dtype, -inf where a key is masked; a zero when None."""
     if attn_mask is None:
         return _like(np.zeros((1, 1, 1, 1)), query)
+    # Decide on the input's dtype: values made by the tracer (Unsqueeze below) carry none.
+    dtype = attn_mask.dtype
     mask = _rank4(attn_mask)
     minus_inf = _like(np.array(-np.inf), query)
-    if mask.dtype == ir.DataType.BOOL:
+    if dtype == ir.DataType.BOOL:
         return op.Where(mask, _like(np.array(0.0), query), minus_inf)
-    lowest = torch.finfo(_TORCH_DTYPES[mask.dtype]).min / 2
+    lowest = torch.finfo(_TORCH_DTYPES[dtype]).min / 2
     allowed = op.Greater(mask, op.CastLike(_constant(np.array(lowest, dtype=np.float64)), mask))
     return op.Where(allowed, op.CastLike(mask, query), minus_inf)
 
@@ -124,6 +130,11 @@ def translate_attention(
     return gsa.Attention(query, key, value, key_codes, weight, mask, norms, repre=repre, scope=scope, **attrs)
 
 
+def translate_cached_codes_cat(past, new, weight, state_id, site, what):
+    """A placeholder that codes_io.lift_codes_state turns into explicit past/present codes."""
+    return getattr(placeholders, PLACEHOLDERS[what])(past, new, weight, site=int(site))
+
+
 def translation_table() -> dict:
     """The custom_translation_table for torch.onnx.export."""
     return {
@@ -131,4 +142,5 @@ def translation_table() -> dict:
         torch.ops.gsa.select_blocks.default: translate_select_blocks,
         torch.ops.gsa.sparse_attention.default: translate_sparse_attention,
         torch.ops.gsa.attention.default: translate_attention,
+        torch.ops.gsa.cached_codes_cat.default: translate_cached_codes_cat,
     }
