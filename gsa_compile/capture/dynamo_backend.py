@@ -68,6 +68,7 @@ def gsa_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = No
         config=resolve_config_option(options.get("config")),
         config_derived=bool(options.get("config_derived", False)),
         whole_model=False,
+        weights_as_constants=False,
         state=state,
         parameter_names=options.get("parameter_names") or {},
     )

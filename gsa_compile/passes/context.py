@@ -23,6 +23,7 @@ class PassContext:
     route: str
     config: Optional[GSAConfig] = None
     rewrite: bool = True
+    weights_as_constants: bool = True  # hash weights as graph-module buffers (False: stored_hash_weight op)
     whole_model: bool = True
     config_derived: bool = False
     state: CodesState = field(default_factory=CodesState)

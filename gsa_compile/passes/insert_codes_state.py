@@ -8,7 +8,8 @@ and inserts the matching codes update (codes of `new` only) next to the cache up
 codes state the rewritten graph owns (passes/codes_state.py). Key norms get the same treatment
 when config.key_norm_weighting. Anything else is the no-cache case: the site encodes its keys
 at call time (a module handed the whole K each call has nothing to remember).
-The hash weight of each site becomes a buffer of the graph module."""
+The hash weight of each site becomes a buffer of the graph module (torch.export), or, in a
+torch.compile graph, a gsa::stored_hash_weight call (passes/stored_weights.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from torch import fx
 
 from ..hashing import layer_hash_weight
-from . import codes_state  # noqa: F401  (registers the gsa::cached_codes_* ops)
+from . import codes_state, stored_weights  # noqa: F401  (codes_state registers the gsa::cached_codes_* ops)
 from .context import PassContext
 from .fx_utils import arg, is_op, normalize_dim, shape, value
 
@@ -76,11 +77,17 @@ def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModu
     for layer in context.rewrite_order:
         match = by_layer[layer]
         heads, key_dim, device = site_key_geometry(match)
+        weight = layer_hash_weight(context.config, layer, heads, key_dim).to(device)
         name = f"gsa_hash_weight_{layer}"
-        gm.register_buffer(name, layer_hash_weight(context.config, layer, heads, key_dim).to(device))
         with gm.graph.inserting_before(match.output):
-            weight = gm.graph.get_attr(name)
-        context.weights[layer] = weight
+            if context.weights_as_constants:
+                gm.register_buffer(name, weight)
+                context.weights[layer] = gm.graph.get_attr(name)
+            else:
+                key = f"{context.state.id}:{layer}"
+                stored_weights.store(key, weight)
+                context.weights[layer] = gm.graph.call_function(
+                    torch.ops.gsa.stored_hash_weight.default, (match.query, key))
         update = None if context.policies[layer] == "reuse" else cache_update_of(match, order)
         if update is None:
             context.codes[layer] = (None, None, "reuse" if context.policies[layer] == "reuse" else "call time")
@@ -91,6 +98,6 @@ def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModu
         made = []
         with gm.graph.inserting_before(match.output):
             for what in quantities:
-                made.append(gm.graph.call_function(op, (*operands, weight, context.state.id, layer, what)))
+                made.append(gm.graph.call_function(op, (*operands, context.weights[layer], context.state.id, layer, what)))
         context.codes[layer] = (made[0], made[1] if len(made) > 1 else None, kind)
     return gm

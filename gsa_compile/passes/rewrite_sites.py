@@ -11,7 +11,7 @@ import operator
 from torch import fx
 
 from .context import PassContext
-from .fx_utils import is_metadata_assert, op_name, real_users
+from .fx_utils import is_metadata_assert, op_name, real_users, value
 from .site_runtime import gsa_mha_site, gsa_site
 
 # Ops the pass may delete once unused (pure: no in-place or other side effects).
@@ -24,7 +24,7 @@ _REMOVABLE = {
 
 def _site_options(context: PassContext, match) -> dict:
     layer = match.layer
-    options = context.config.attention_kwargs(layer, _device_type(context, layer))
+    options = context.config.attention_kwargs(layer, _device_type(context, match))
     options.update(
         key_norm_weighting=context.config.key_norm_weighting,
         invert_mask=match.invert_mask,
@@ -40,9 +40,9 @@ def _site_options(context: PassContext, match) -> dict:
     return options
 
 
-def _device_type(context: PassContext, layer: int) -> str:
-    weight = context.weights[layer]
-    return getattr(weight.graph.owning_module, weight.target).device.type
+def _device_type(context: PassContext, match) -> str:
+    example = value(match.query)
+    return example.device.type
 
 
 def rewrite_sites(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:

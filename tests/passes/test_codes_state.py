@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 from gsa_compile import ops
 from gsa_compile.capture.dynamo_backend import gsa_backend
 from gsa_compile.capture.fx_examples import ManualAttentionBlock, StaticCacheAttention, TinyDecoder
+from gsa_compile.passes import stored_weights
 from gsa_compile.passes.codes_state import CodesState
 
 from helpers import EXACT, config, run_compiled
@@ -60,25 +61,8 @@ def test_growing_cache_encodes_each_key_once_without_recompiling():
     assert state.full_reencodes == 0
     assert state.keys_encoded == LAYERS * KV_HEADS * (PROMPT + STEPS)
     for layer, (key, _) in enumerate(cache):
-        weight = getattr(_LAST_REWRITTEN["gm"], f"gsa_hash_weight_{layer}")
+        weight = stored_weights.stored(f"{state.id}:{layer}")
         torch.testing.assert_close(state.entries[(layer, "codes")], ops.encode(key, weight), rtol=0, atol=0)
-
-
-# The graph module the backend rewrote last (every graph of a model holds the same seeded weights).
-_LAST_REWRITTEN = {}
-
-
-@pytest.fixture(autouse=True)
-def remember_rewritten_graphs(monkeypatch):
-    from gsa_compile.capture import dynamo_backend
-
-    original = dynamo_backend.run_pipeline
-
-    def recording(gm, context):
-        _LAST_REWRITTEN["gm"] = original(gm, context)
-        return _LAST_REWRITTEN["gm"]
-
-    monkeypatch.setattr(dynamo_backend, "run_pipeline", recording)
 
 
 def test_new_sequence_is_detected_and_encoded_once():
@@ -124,7 +108,7 @@ def test_static_cache_index_copy_mirrors_the_cache():
         for step in range(8, 12):
             got = compiled(x[:, step:step + 1], torch.tensor([step]))
             torch.testing.assert_close(got, reference(x[:, step:step + 1], torch.tensor([step])), **EXACT)
-    weight = _LAST_REWRITTEN["gm"].gsa_hash_weight_0
+    weight = stored_weights.stored(f"{state.id}:0")
     torch.testing.assert_close(state.entries[(0, "codes")], ops.encode(module.key_cache, weight), rtol=0, atol=0)
     heads = module.heads
     assert state.keys_encoded == heads * 32 + heads * 4  # the whole cache once, then one key per step
