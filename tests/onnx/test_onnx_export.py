@@ -146,14 +146,14 @@ def test_a_module_without_gsa_ops_goes_through_the_fx_route(tmp_path):
         np.testing.assert_allclose(got[0], model(x).numpy(), atol=1e-4)  # a prefill: GSA runs dense
 
 
-def test_a_codes_cache_kept_in_python_state_is_refused_with_the_way_out(tmp_path):
+def test_a_static_cache_updated_in_place_is_refused_with_the_way_out(tmp_path):
     from gsa_compile.capture.fx_examples import build_example
 
-    model, args = build_example("decoder", layers=2)
-    config = gsa_compile.GSAConfig(num_hidden_layers=2, head_dim=8, hash_bits=8, chunk_size=4,
-                                   top_k_ratio_per_layer=[0.5, 0.5])
-    with pytest.raises(GSAError, match="explicit cache"):
-        gsa_compile.export_onnx(model, args, str(tmp_path / "decoder.onnx"), config=config)
+    model, args = build_example("static_cache")
+    config = gsa_compile.GSAConfig(num_hidden_layers=1, head_dim=8, hash_bits=8, chunk_size=4,
+                                   top_k_ratio_per_layer=[0.5])
+    with pytest.raises(GSAError, match="growing cache"):
+        gsa_compile.export_onnx(model, args, str(tmp_path / "static.onnx"), config=config)
 
 
 def test_a_float16_model_runs_in_onnxruntime_like_pytorch(tmp_path):
