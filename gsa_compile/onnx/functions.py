@@ -11,7 +11,7 @@ import onnx
 from onnx import AttributeProto as A
 
 from . import steps
-from .builder import BOOL, INT64_MAX, Emitter, make_function
+from .builder import BOOL, Emitter, make_function
 from .schemas import ATTENTION, DOMAIN, ENCODE, REUSE_ATTENTION, SELECT_BLOCKS, SPARSE_ATTENTION, OpSpec
 
 
@@ -50,7 +50,8 @@ def _encode(e: Emitter) -> list[str]:
 
 def _select_blocks(e: Emitter) -> list[str]:
     attrs = _Attrs(e)
-    chunk, wanted, must_select = attrs.chunk(), e.reshape(attrs.int("num_blocks"), e.ints(1)), attrs.ints("must_select")
+    chunk, must_select = attrs.chunk(), attrs.ints("must_select")
+    wanted = e.reshape(attrs.int("num_blocks"), e.ints(1))
     repre, scope = attrs.string("repre"), attrs.string("scope")
     num_keys = e.dims("key_codes", 2, 3)
     n_blocks = steps.num_blocks(e, num_keys, chunk)
@@ -85,8 +86,9 @@ def _site(e: Emitter, select: Callable, read_extra: Callable = lambda attrs: {})
     """The body shared by Attention and ReuseAttention: mask -> valid keys, the dense-fallback
     If, and in the sparse branch select(branch, site) -> blocks, then sparse attention."""
     attrs = _Attrs(e)
-    chunk, scale, softcap, is_causal = attrs.chunk(), attrs.float("scale"), attrs.float("softcap"), attrs.flag("is_causal")
-    must_select, ratio, budget_tokens = attrs.ints("must_select"), attrs.tensor("top_k_ratio"), attrs.int("budget_tokens")
+    chunk, scale, softcap = attrs.chunk(), attrs.float("scale"), attrs.float("softcap")
+    is_causal, must_select = attrs.flag("is_causal"), attrs.ints("must_select")
+    ratio, budget_tokens = attrs.tensor("top_k_ratio"), attrs.int("budget_tokens")
     thresholds = attrs.int("seq_len_threshold"), attrs.int("concurrency_threshold")
     num_keys = e.dims("key", 2, 3)
     n_blocks = steps.num_blocks(e, num_keys, chunk)
@@ -101,8 +103,7 @@ def _site(e: Emitter, select: Callable, read_extra: Callable = lambda attrs: {})
     sparse_branch = e.branch()
     # The branch runs only when T == 1; slicing the last token lets static-shape inference
     # (onnxruntime checks both branches when it loads a model) see a one-token query.
-    site.query = sparse_branch.op("Slice", "query", sparse_branch.ints(-1), sparse_branch.ints(INT64_MAX),
-                                  sparse_branch.ints(2))
+    site.query = steps.last_token(sparse_branch, "query")
     site.must = steps.must_select_mask(sparse_branch, must_select, n_blocks)
     site.k = steps.budget(sparse_branch, n_blocks, chunk, ratio, budget_tokens, site.must)
     blocks = select(sparse_branch, site)

@@ -127,10 +127,14 @@ def every_block(e: Emitter, key: str, n_blocks: str) -> str:
 
 
 # ------------------------------------------------------------------ masks
+def last_token(e: Emitter, x: str) -> str:
+    """x [B, H, T, ...] -> [B, H, 1, ...]: the last query token (or mask row)."""
+    return e.op("Slice", x, e.ints(-1), e.ints(INT64_MAX), e.ints(2))
+
+
 def last_row_bias(e: Emitter, attn_mask: str, query: str, num_keys: str) -> str:
     """The mask row of the last query token, expanded to [B, Hq, 1, L]."""
-    last = e.op("Slice", attn_mask, e.ints(-1), e.ints(INT64_MAX), e.ints(2))
-    return e.op("Expand", last, e.cat(e.dims(query, 0, 2), e.ints(1), num_keys))
+    return e.op("Expand", last_token(e, attn_mask), e.cat(e.dims(query, 0, 2), e.ints(1), num_keys))
 
 
 def valid_keys(e: Emitter, bias: str) -> str:
