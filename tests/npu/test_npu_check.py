@@ -9,10 +9,13 @@ from gsa_compile import cli
 
 from .conftest import forget_npu_backend
 
+# CPU tensors routed to the npu kernels, 16 blocks of 32 tokens, 8 selected: small but not trivial.
+SMALL_CHECK = ["npu-check", "--device", "cpu", "--batch", "1", "--keys", "512", "--chunk", "32"]
+
 
 def test_npu_check_passes_on_the_emulation_and_writes_json(emulated_npu, tmp_path, capsys):
     path = tmp_path / "check.json"
-    assert cli.main(["npu-check", "--device", "cpu", "--batch", "1", "--keys", "512", "--chunk", "32", "--json", str(path)]) == 0
+    assert cli.main([*SMALL_CHECK, "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "torch_npu emulation" in printed and "NO" not in printed
     results = json.loads(path.read_text())
@@ -42,7 +45,7 @@ def _inverted_signs(pack):
 def test_npu_check_flags_the_kernel_that_disagrees(emulated_npu, monkeypatch, tmp_path, op, broken, verdicts):
     monkeypatch.setattr(emulated_npu, op, broken(getattr(emulated_npu, op)))
     path = tmp_path / "check.json"
-    assert cli.main(["npu-check", "--device", "cpu", "--batch", "1", "--keys", "512", "--chunk", "32", "--json", str(path)]) == 1
+    assert cli.main([*SMALL_CHECK, "--json", str(path)]) == 1
     assert {(r["op"], r["ok"]) for r in json.loads(path.read_text())} == verdicts
 
 

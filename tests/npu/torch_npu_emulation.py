@@ -166,7 +166,8 @@ def npu_fused_infer_attention_score(
         lengths = _lengths(actual_seq_lengths_kv, batch, key.shape[2])
         width = key.shape[2]
     else:
-        caches, lengths, width = _paged(key, value, block_table, actual_seq_lengths_kv, block_size, batch, kv_heads, dim)
+        caches, lengths, width = _paged(
+            key, value, block_table, actual_seq_lengths_kv, block_size, batch, kv_heads, dim)
     _require(max(lengths) <= 262144, "the KV sequence is at most 262144 tokens with one query token")
     masked = _mask(atten_mask, batch, width)
     bias = _pse(pse_shift, query, heads, width, scale)
@@ -207,7 +208,8 @@ def _paged(key, value, block_table, actual_seq_lengths_kv, block_size, batch, kv
     _require(key.numel() < 2 ** 31, "a paged key or value must have fewer than 2**31 elements")
     if key.dim() == 3:
         _require(key.shape[1] == block_size and key.shape[2] == kv_heads * dim,
-                 f"paged key (blocknum, blocksize, H) must be [*, {block_size}, {kv_heads * dim}], got {tuple(key.shape)}")
+                 f"paged key (blocknum, blocksize, H) must be [*, {block_size}, {kv_heads * dim}], "
+                 f"got {tuple(key.shape)}")
         pages_k = key.view(key.shape[0], block_size, kv_heads, dim).transpose(1, 2)
         pages_v = value.view(key.shape[0], block_size, kv_heads, dim).transpose(1, 2)
     else:
@@ -231,7 +233,8 @@ def _mask(atten_mask, batch: int, width: int):
     _require(atten_mask.dtype in MASK_DTYPES, f"atten_mask must be bool, int8 or uint8, got {atten_mask.dtype}")
     _require(atten_mask.dim() in (2, 3, 4) and atten_mask.shape[0] == batch
              and all(n == 1 for n in atten_mask.shape[1:-1]),
-             f"atten_mask must be (B, S), (B, 1, S) or (B, 1, 1, S) with one query token, got {tuple(atten_mask.shape)}")
+             f"atten_mask must be (B, S), (B, 1, S) or (B, 1, 1, S) with one query token, "
+             f"got {tuple(atten_mask.shape)}")
     _require(atten_mask.shape[-1] >= width, f"atten_mask covers {atten_mask.shape[-1]} keys, fewer than {width}")
     return atten_mask.reshape(batch, -1).to(torch.bool)
 

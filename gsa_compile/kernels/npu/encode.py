@@ -26,7 +26,8 @@ def encode(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def supports_encode(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
     if x.dtype == torch.float64:
         # A float64 projection rounded to float32 can flip the sign of a tiny negative value to -0.0.
-        return "x is float64; npu_sign_bits_pack takes float16/float32, so float64 keeps the reference's float64 projection"
+        return ("x is float64; npu_sign_bits_pack takes float16/float32, so float64 keeps the reference's "
+                "float64 projection")
     if x.numel() == 0:
         return "x holds no vectors; npu_sign_bits_pack needs a non-empty input"
     return None

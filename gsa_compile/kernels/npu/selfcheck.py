@@ -30,7 +30,9 @@ class CheckResult:
         return asdict(self)
 
 
-def self_check(device: str = "npu", batch: int = 2, keys: int = 4096, chunk: int = 128, seed: int = 0) -> list[CheckResult]:
+def self_check(
+    device: str = "npu", batch: int = 2, keys: int = 4096, chunk: int = 128, seed: int = 0
+) -> list[CheckResult]:
     """Encode, select 8 blocks and attend with Llama-3.1-8B heads (32 query / 8 KV heads, d 128,
     128 hash bits), once with a cache that is already paged (keys a multiple of the chunk) and
     once with a partial last block and padded rows; codes and selections must equal the
@@ -63,14 +65,16 @@ def _check_case(device, batch, num_keys, chunk, weight, seed) -> list[CheckResul
     decided = projection.abs() > SIGN_MARGIN * key.double().norm(dim=-1, keepdim=True)
     flipped = unpack_codes(codes) != unpack_codes(reference.encode(key, weight))
     wrong_bits, rounding_bits = int((flipped & decided).sum()), int((flipped & ~decided).sum())
-    expected_blocks = reference.select_blocks(query, codes, weight, valid, None, chunk, k, [0, -2, -1], "max", "per_head")
+    expected_blocks = reference.select_blocks(
+        query, codes, weight, valid, None, chunk, k, [0, -2, -1], "max", "per_head")
     expected_out = reference.sparse_attention(query, key, value, blocks, valid, None, chunk, None, None)
     block_mismatches = int((blocks != expected_blocks).any(-1).sum())
     error = float((out.float() - expected_out.float()).abs().max())
     return [
         CheckResult("encode", case, f"{wrong_bits} code bits differ (+{rounding_bits} within rounding of 0)",
                     wrong_bits == 0),
-        CheckResult("select_blocks", case, f"{block_mismatches} (row, KV head) selections differ", block_mismatches == 0),
+        CheckResult("select_blocks", case, f"{block_mismatches} (row, KV head) selections differ",
+                    block_mismatches == 0),
         CheckResult("sparse_attention", case, f"max |error| {error:.2e} (allowed {ATTENTION_TOLERANCE:.0e})",
                     error <= ATTENTION_TOLERANCE),
     ]
