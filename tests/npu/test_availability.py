@@ -65,6 +65,14 @@ def test_a_torch_npu_without_the_operators_names_them(monkeypatch):
     assert npu.availability().startswith("torch_npu 2.1.0 lacks ['npu_fused_infer_attention_score']")
 
 
+def test_a_torch_npu_that_sees_no_device_says_so(monkeypatch):
+    loaded = types.ModuleType("torch_npu")
+    loaded.npu_sign_bits_pack = loaded.npu_sign_bits_unpack = loaded.npu_fused_infer_attention_score = print
+    loaded.npu = types.SimpleNamespace(is_available=lambda: False)
+    monkeypatch.setitem(sys.modules, "torch_npu", loaded)
+    assert "sees no Ascend device" in npu.availability()
+
+
 def test_gsa_compile_imports_in_a_process_whose_torch_npu_is_broken(tmp_path):
     (tmp_path / "torch_npu").mkdir()
     (tmp_path / "torch_npu" / "__init__.py").write_text(BROKEN_TORCH_NPU)

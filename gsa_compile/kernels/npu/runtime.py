@@ -41,6 +41,10 @@ def availability() -> Optional[str]:
     if missing:
         version = getattr(module, "__version__", "of unknown version")
         return f"torch_npu {version} lacks {missing}, which the GSA NPU kernels call; {INSTALL_HINT}"
+    device_query = getattr(getattr(module, "npu", None), "is_available", None)
+    if device_query is not None and not device_query():
+        return ("torch_npu loads but sees no Ascend device (torch_npu.npu.is_available() is False); check the "
+                "driver with `npu-smi info` and that ASCEND_RT_VISIBLE_DEVICES, if set, names a device")
     return None
 
 
