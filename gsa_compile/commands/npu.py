@@ -22,7 +22,8 @@ def run(args) -> int:
 
     # Raises GSABackendUnavailable, naming what is missing, when torch_npu cannot serve.
     results = self_check(args.device, batch=args.batch, keys=args.keys, chunk=args.chunk)
-    print(f"torch_npu {getattr(torch_npu(), '__version__', '?')}: NPU kernels on {args.device} vs the reference on cpu")
+    version = getattr(torch_npu(), "__version__", "?")
+    print(f"torch_npu {version}: NPU kernels on {args.device} vs the reference on cpu")
     rows = [("op", "case", "result", "ok")]
     rows += [(r.op, r.case, r.error, "yes" if r.ok else "NO") for r in results]
     print(format_table(rows))

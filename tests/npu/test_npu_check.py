@@ -49,6 +49,11 @@ def test_npu_check_flags_the_kernel_that_disagrees(emulated_npu, monkeypatch, tm
     assert {(r["op"], r["ok"]) for r in json.loads(path.read_text())} == verdicts
 
 
+def test_npu_check_refuses_keys_that_make_no_paged_case(emulated_npu, capsys):
+    assert cli.main(["npu-check", "--device", "cpu", "--keys", "500", "--chunk", "32"]) == 2
+    assert "keys=500 must be a multiple of chunk=32" in capsys.readouterr().err
+
+
 def test_npu_check_without_torch_npu_says_what_is_missing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch_npu", None)
     forget_npu_backend(monkeypatch)

@@ -5,8 +5,8 @@ For +-1 vectors, R - 2 * hamming(q, k) = q . k, so the group's similarity to key
 (sum_i q_i) . k_j: one matmul of the group-summed query signs with the key signs that
 torch_npu.npu_sign_bits_unpack (uint8 -> +-1.0, little-endian) makes from the cached codes.
 The signs and the matmul are float16 when every score fits its exact integers (|score| <= G * R
-<= 2048; Ascend's matmul accumulates float16 in float32), else float32; the scores are then
-float32, where Ascend is fast, where the reference uses float64 (docs/npu.md says what that changes)."""
+<= 2048; Ascend's matmul accumulates float16 in float32), else float32. Block scores are float32:
+Ascend has no fast float64, which the reference uses (docs/npu.md says what that changes)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ... import functional as F
+from ...errors import GSAInputError
 from .. import reference, use_backend
 from ..common import unpack_codes
 
@@ -39,11 +40,14 @@ def self_check(
     reference's (code bits whose projection is within rounding of zero excepted; selection is
     checked on the device's codes, attention on the device's selection, so each op is judged
     on its own), attention must agree to float16 rounding."""
+    if keys % chunk or keys < 2 * chunk:
+        raise GSAInputError(f"keys={keys} must be a multiple of chunk={chunk} and at least two chunks, so the "
+                            f"first case is a paged cache and the second ({keys - chunk // 2} keys) a partial one")
     results = []
     weight = F.hash_weights(KV_HEADS, HEAD_DIM, 128, seed=seed)
     # Entering the backend first makes a missing or broken torch_npu the error, not the device string.
     with use_backend("npu"):
-        for num_keys in (keys, keys - 37):
+        for num_keys in (keys, keys - chunk // 2):
             results += _check_case(device, batch, num_keys, chunk, weight, seed)
     return results
 
