@@ -70,6 +70,11 @@ def timed_decode(model, ids, cache, new_tokens: int, device: str) -> float:
     return elapsed
 
 
+def write(report: dict, folder: str) -> None:
+    with open(os.path.join(folder, "e2e.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+
+
 def crop_to(cache, length: int) -> None:
     # A negative crop removes that many tokens in every transformers version this runs on.
     extra = cache.get_seq_length() - length
@@ -113,6 +118,40 @@ def measure(model, batch: int, prompt: int, args, device: str) -> dict:
     return row
 
 
+@torch.no_grad()
+def profile_decode(model, batch: int, prompt: int, args, device: str) -> dict:
+    """Host (CPU) and device time per decode step, GSA and dense, with the ops that cost most host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
+    cache = prefill(model, ids, args.chunk)
+    cached = cache.get_seq_length()
+    steps = 4
+    result = {}
+    for mode in ("gsa", "dense"):
+        context = gsa_disabled(model) if mode == "dense" else torch.no_grad()
+        with context:
+            timed_decode(model, ids, cache, 2, device)
+            crop_to(cache, cached)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            with profile(activities=activities) as prof:
+                wall_s = timed_decode(model, ids, cache, steps, device)
+            crop_to(cache, cached)
+        events = prof.key_averages()
+        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+        device_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
+        result[mode] = {"wall_ms_per_step": wall_s / steps * 1e3,
+                        "host_ms_per_step": sum(e.self_cpu_time_total for e in events) / steps / 1e3,
+                        "device_ms_per_step": device_us / steps / 1e3,
+                        "top_host_ops_us_per_step": {e.key: e.self_cpu_time_total / steps for e in top}}
+        print(f"profile {mode}: wall {result[mode]['wall_ms_per_step']:.1f} ms/step (profiled), host ops "
+              f"{result[mode]['host_ms_per_step']:.1f} ms/step, device "
+              f"{result[mode]['device_ms_per_step']:.1f} ms/step", flush=True)
+        for name, us in result[mode]["top_host_ops_us_per_step"].items():
+            print(f"   {us:9.0f} us  {name[:70]}", flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
@@ -123,6 +162,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-tokens", type=int, default=2048)
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test of the path)")
     parser.add_argument("--out", default="e2e_out")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile 4 decode steps (host and device time) at the first prompt length instead")
     args = parser.parse_args(argv)
     device = "cpu" if args.tiny else "cuda"
     os.makedirs(args.out, exist_ok=True)
@@ -137,10 +178,14 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "rows": []}
     if device == "cuda":
         report["gpu"] = torch.cuda.get_device_name()
-    for prompt in [int(p) for p in args.prompts.split(",") if p]:
+    prompts = [int(p) for p in args.prompts.split(",") if p]
+    if args.profile:
+        report["profile"] = profile_decode(model, args.batch, prompts[0], args, device)
+        prompts = []
+    for prompt in prompts:
         report["rows"].append(measure(model, args.batch, prompt, args, device))
-        with open(os.path.join(args.out, "e2e.json"), "w") as handle:
-            json.dump(report, handle, indent=1)
+        write(report, args.out)
+    write(report, args.out)
     return 0
 
 

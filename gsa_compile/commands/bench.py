@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     parser.add_argument("--skip", default="", help="comma-separated versions to leave out: flex, naive, compile, prefill, check")
-    parser.add_argument("--sweep", action="store_true", help="also time kernel tile variants at batch 8 / longest cache")
+    parser.add_argument("--sweep", default="", help="kernel variants to time at the largest batch and cache: "
+                        "comma-separated parts among attend, select")
     parser.add_argument("--profile", action="store_true", help="also print per-kernel GPU times of the GSA step")
     parser.set_defaults(handler=run)
 
@@ -63,7 +64,7 @@ def run(args) -> int:
         report["compile"] = bench.compiled_decode(8, 32768)
         print(_compile_line(report["compile"]), flush=True)
     if args.sweep:
-        report["sweep"] = bench.sweep(max(_ints(args.batches)), max(_ints(args.keys)))
+        report["sweep"] = bench.sweep(max(_ints(args.batches)), max(_ints(args.keys)), set(args.sweep.split(",")))
     if args.profile:
         report["profile"] = {f"batch {b} {budget}": bench.profile(b, max(_ints(args.keys)), budget)
                              for b in _ints(args.batches) for budget in _budgets(args.budgets)}
@@ -330,10 +331,13 @@ class Bench:
             expected = step(query)
             errors.append(((out.float() - expected.float()).norm() / expected.float().norm()).item())
         graphs, breaks = int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+        # Inductor counts (and logs, under TORCH_LOGS=perf_hints) each graph it could not capture.
+        cudagraph_skips = int(counters["inductor"]["cudagraph_skips"])
         compiled_dense = torch.compile(dense_step, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):
             compiled_dense(query)
         result = {"batch": batch, "keys": num_keys, "unique_graphs": graphs, "graph_breaks": breaks,
+                  "cudagraph_skips": cudagraph_skips,
                   "max_rel_error_vs_eager": max(errors),
                   "gsa_step_ms": self.median_ms(lambda: compiled(query)),
                   "dense_step_ms": self.median_ms(lambda: compiled_dense(query))}
@@ -379,7 +383,7 @@ class Bench:
         return kernels
 
     # ---------------------------------------------------------------- tile sweep
-    def sweep(self, batch: int, num_keys: int) -> list[dict]:
+    def sweep(self, batch: int, num_keys: int, parts: set) -> list[dict]:
         """Times the kernels' tunables one at a time (everything else at its default)."""
         from .. import functional as F
         from ..kernels.triton import block_scores, decode_attention, selection
@@ -397,7 +401,7 @@ class Bench:
             results.append({"part": part, "setting": setting, "ms": ms})
             print(f"sweep {part:10s} {setting:28s} {ms * 1e3:8.1f} us", flush=True)
 
-        for budget in (2048, 0.3):
+        for budget in (2048, 0.3) if "attend" in parts else ():
             kwargs = {"budget_tokens": budget} if isinstance(budget, int) else {"top_k_ratio": budget}
             k = F.num_selected_blocks(num_keys, CHUNK, must_select=MUST_SELECT, **kwargs)
             blocks = F.select_blocks(query, codes, weight, chunk_size=CHUNK, num_blocks=k)
@@ -409,17 +413,20 @@ class Bench:
                     record(f"attend {budget}", f"tile {tiles} programs/SM {per_sm}",
                            lambda: F.sparse_attention(query, key, value, blocks, chunk_size=CHUNK))
             decode_attention.tile_config, decode_attention.PROGRAMS_PER_SM = default_tiles, 4
-        default_tokens, default_warps = block_scores.TOKENS_PER_PROGRAM, selection.topk_num_warps
+        if "select" not in parts:
+            return results
+        defaults = block_scores.TOKENS_PER_PROGRAM, block_scores.NUM_WARPS, selection.topk_num_warps
         for tokens in (256, 512, 1024, 2048):
-            block_scores.TOKENS_PER_PROGRAM = tokens
-            record("select", f"tokens/program {tokens}",
-                   lambda: F.select_blocks(query, codes, weight, chunk_size=CHUNK, num_blocks=16))
-        block_scores.TOKENS_PER_PROGRAM = default_tokens
-        for warps in (1, 2, 4):
+            for warps in (2, 4, 8):
+                block_scores.TOKENS_PER_PROGRAM, block_scores.NUM_WARPS = tokens, warps
+                record("select", f"scores: tokens {tokens} warps {warps}",
+                       lambda: F.select_blocks(query, codes, weight, chunk_size=CHUNK, num_blocks=16))
+        block_scores.TOKENS_PER_PROGRAM, block_scores.NUM_WARPS = defaults[:2]
+        for warps in (1, 2, 4, 8):
             selection.topk_num_warps = lambda _, w=warps: w
             record("select", f"top-k warps {warps}",
                    lambda: F.select_blocks(query, codes, weight, chunk_size=CHUNK, num_blocks=16))
-        selection.topk_num_warps = default_warps
+        selection.topk_num_warps = defaults[2]
         return results
 
 
@@ -458,7 +465,8 @@ def _prefill_line(p) -> str:
 
 def _compile_line(c) -> str:
     return (f"torch.compile reduce-overhead, batch {c['batch']} keys {c['keys']}: graphs {c['unique_graphs']}, "
-            f"graph breaks {c['graph_breaks']}, step {c['gsa_step_ms'] * 1e3:.1f} us vs dense "
+            f"graph breaks {c['graph_breaks']}, CUDA-graph skips {c['cudagraph_skips']}, "
+            f"step {c['gsa_step_ms'] * 1e3:.1f} us vs dense "
             f"{c['dense_step_ms'] * 1e3:.1f} us (x{c['speedup']:.2f}), error vs eager {c['max_rel_error_vs_eager']:.1e}")
 
 

@@ -26,8 +26,9 @@ MUST_FIELD_BITS = 20
 MUST_PER_WORD = 3
 MAX_MUST = 2 * MUST_PER_WORD
 MAX_BLOCKS = (1 << MUST_FIELD_BITS) - 1
-# Tokens each program scores (several whole blocks when blocks are small).
+# Tokens each program scores (several whole blocks when blocks are small), and its warps.
 TOKENS_PER_PROGRAM = 512
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -152,6 +153,7 @@ def block_scores(
         BLOCKS_PER_PROGRAM=per_program, REPRE=REPRE_CODES[repre],
         HAS_VALID=valid is not None, HAS_NORMS=key_norms is not None,
         MUST_LO=used_lo, MUST_HI=used_hi, FIELD_BITS=MUST_FIELD_BITS, USE_POPC=not runtime.INTERPRETING,
+        num_warps=NUM_WARPS,
     )
     return out
 
