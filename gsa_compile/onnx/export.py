@@ -19,9 +19,6 @@ logger = logging.getLogger(__name__)
 # The torch.ops.gsa ops the translation table covers.
 EXPORTABLE_OPS = ("encode", "select_blocks", "sparse_attention", "attention", "cached_codes_cat")
 
-# Above this size onnx.save must move the weights to an external data file (protobuf's 2 GB limit).
-_EXTERNAL_DATA_BYTES = 1 << 30
-
 
 def gsa_nodes(program: torch.export.ExportedProgram) -> list[str]:
     """Names of the gsa ops an exported program calls."""
@@ -109,7 +106,8 @@ def export_onnx(
     input_names: Optional[Sequence[str]] = None,
     output_names: Optional[Sequence[str]] = None,
 ) -> onnx.ModelProto:
-    """Export a GSA model to ONNX; returns the model (and writes it to `path` unless None).
+    """Export a GSA model to ONNX; returns the model (and writes it to `path` unless None; weights
+    of models past 2 GB go to `path`.data, and the returned model then references them).
 
     Every GSA site becomes a gsa-domain node (opset 1; docs/onnx.md) whose attributes carry the
     site's chunk size, budget, must-select blocks, block representation, scope, scale, softcap
@@ -126,10 +124,19 @@ def export_onnx(
         program, dynamo=True, custom_translation_table=translation_table(),
         input_names=input_names, output_names=output_names, optimize=True, verbose=False,
     )
-    proto = attach_functions(lift_codes_state(onnx_program.model_proto))
-    onnx.checker.check_model(proto, full_check=True)
-    if path is not None:
-        large = proto.ByteSize() > _EXTERNAL_DATA_BYTES
-        onnx.save(proto, os.fspath(path), save_as_external_data=large,
-                  location=os.path.basename(os.fspath(path)) + ".data" if large else None)
+    if path is None:
+        proto = _finish(onnx_program.model_proto)
+        onnx.checker.check_model(proto, full_check=True)
+        return proto
+    # torch writes the weights (as external data past 2 GB); the graph is then edited without
+    # loading them, so models of any size keep their weights where torch put them.
+    path = os.fspath(path)
+    onnx_program.save(path)
+    proto = _finish(onnx.load(path, load_external_data=False))
+    onnx.save(proto, path)
+    onnx.checker.check_model(path, full_check=True)
     return proto
+
+
+def _finish(proto: onnx.ModelProto) -> onnx.ModelProto:
+    return attach_functions(lift_codes_state(proto))
