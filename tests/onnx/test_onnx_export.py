@@ -177,3 +177,27 @@ def test_a_float16_model_runs_in_onnxruntime_like_pytorch(tmp_path):
     assert got[0].dtype == np.float16
     np.testing.assert_allclose(got[0].astype(np.float32), expected[0].float().numpy(), atol=2e-3)
     np.testing.assert_array_equal(got[3], expected[3].numpy())
+
+
+def test_an_additive_float_mask_with_per_head_bias_matches_pytorch(tmp_path):
+    """HF-style masks: finfo.min marks masked keys; other values are a bias (here per head)."""
+    torch.manual_seed(3)
+    module = CachedGSABlock(**SITE).eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def float_mask(inputs):
+        *tensors, mask = inputs
+        bias = -torch.rand(mask.shape[0], HEADS, *mask.shape[2:], generator=gen)
+        return (*tensors, bias.masked_fill(~mask, torch.finfo(torch.float32).min))
+
+    path = tmp_path / "float_mask.onnx"
+    with torch.no_grad():
+        gsa_compile.export_onnx(module, float_mask(_inputs(gen, 2, 20, steps=2)), str(path),
+                                dynamic_shapes=_dynamic_shapes(), input_names=NAMES)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, past in ((2, 40), (3, 17)):
+        inputs = float_mask(_inputs(gen, batch, past))
+        with torch.no_grad():
+            expected = module(*inputs)
+        got = session.run(None, {name: t.numpy() for name, t in zip(NAMES, inputs)})
+        np.testing.assert_allclose(got[0], expected[0].numpy(), atol=1e-4)
