@@ -211,3 +211,18 @@ def test_float64_keeps_the_reference_projection(emulated_npu):
     assert torch.equal(codes, reference.encode(key, weight))
     assert torch.equal(blocks, reference.select_blocks(query, codes, weight, None, None, 8, 3, [0, -2, -1],
                                                        "max", "per_head"))
+
+
+def test_the_gsa_ops_pass_opcheck_when_served_by_the_npu_kernels(emulated_npu):
+    query, key, value, valid = random_site(2, 8, 2, 96, 64, seed=4, dtype=torch.float16)
+    weight = F.hash_weights(2, 64, 64, seed=1)
+    codes = reference.encode(key, weight)
+    blocks = selected_blocks(query, key, valid, 16, 3)
+    with use_backend("npu"):
+        torch.library.opcheck(torch.ops.gsa.encode.default, (key, weight))
+        torch.library.opcheck(torch.ops.gsa.select_blocks.default,
+                              (query, codes, weight, valid, None, 16, 3, [0, -1], "max", "per_head"))
+        torch.library.opcheck(torch.ops.gsa.sparse_attention.default,
+                              (query, key, value, blocks, valid, None, 16, None, None))
+    assert {name for name, _, _ in emulated_npu.calls} == {
+        "npu_sign_bits_pack", "npu_sign_bits_unpack", "npu_fused_infer_attention_score"}
