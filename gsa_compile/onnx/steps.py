@@ -27,25 +27,37 @@ def encode(e: Emitter, x: str, weight: str) -> str:
     return e.cast(e.reduce("ReduceSum", weighted, [-1]), UINT8)
 
 
-def signed_code_bits(e: Emitter, codes: str) -> str:
-    """uint8 [..., R/8] -> float32 +-1 [..., R] (bit i of byte b is dim 8b + i)."""
-    shifted = e.op("BitShift", e.unsqueeze(codes, -1), e.const(np.arange(8), np.uint8), direction="RIGHT")
-    bits = e.cast(e.op("BitwiseAnd", shifted, e.const(1, np.uint8)), FLOAT)
-    signed = e.op("Sub", e.op("Mul", bits, e.const(2.0, np.float32)), e.const(1.0, np.float32))
-    return e.reshape(signed, e.dims(codes, 0, -1), e.ints(-1))
+def byte_bit_table(e: Emitter) -> str:
+    """float32 [8, 256]: entry [i, v] is bit i of byte value v (BitShift + BitwiseAnd)."""
+    values = e.const(np.arange(256)[None, :], np.uint8)
+    shifts = e.const(np.arange(8)[:, None], np.uint8)
+    bits = e.op("BitwiseAnd", e.op("BitShift", values, shifts, direction="RIGHT"), e.const(1, np.uint8))
+    return e.cast(bits, FLOAT)
 
 
 def token_similarity(e: Emitter, query: str, key_codes: str, weight: str, key_norms: str) -> str:
     """float64 [B, Hkv, L]: sum over the group's query heads of the +-1 dot product of codes
-    (R - 2 * hamming), times key_norms. The float32 matmul is exact: |values| <= G * R."""
+    (R - 2 * hamming), times key_norms.
+
+    With Q[r] the group's sum of +-1 query bits and b[r] a key's 0/1 bits, the similarity is
+    2 * sum_r Q[r] b[r] - sum_r Q[r]. The first sum is read byte by byte from a per-query table
+    T[j, v] = sum_i Q[8j + i] * bit_i(v), so the codes are never unpacked (8x fewer elements
+    than a bit-level product). Every value is a small integer: float32 is exact."""
     query_bits = e.where(
         e.op("GreaterOrEqual", projection(e, query, weight), e.const(0.0, np.float32)),
         e.const(1.0, np.float32), e.const(-1.0, np.float32),
     )
     group_sum = e.reduce("ReduceSum", query_bits, [2])  # [B, Hkv, 1, R]
-    key_bits = e.op("Transpose", signed_code_bits(e, key_codes), perm=[0, 1, 3, 2])
-    similarity = e.cast(e.squeeze(e.op("MatMul", group_sum, key_bits), 2), DOUBLE)
-    return e.op("Mul", similarity, e.cast(key_norms, DOUBLE))
+    heads, code_bytes = e.dims(key_codes, 0, 2), e.dims(key_codes, 3, 4)
+    per_byte = e.reshape(group_sum, heads, code_bytes, e.ints(8))  # [B, Hkv, R/8, 8]
+    table = e.reshape(e.op("MatMul", per_byte, byte_bit_table(e)), heads, e.ints(-1))  # [B, Hkv, R/8 * 256]
+    offsets = e.op("Mul", e.cast(e.arange(code_bytes), INT32), e.const(256, np.int32))
+    index = e.reshape(e.op("Add", e.cast(key_codes, INT32), offsets), heads, e.ints(-1))  # [B, Hkv, L * R/8]
+    picked = e.reshape(e.op("GatherElements", table, index, axis=2), e.dims(key_codes, 0, 4))
+    matches = e.reduce("ReduceSum", picked, [-1])  # [B, Hkv, L]
+    total = e.reduce("ReduceSum", group_sum, [-1])  # [B, Hkv, 1]
+    similarity = e.op("Sub", e.op("Mul", matches, e.const(2.0, np.float32)), total)
+    return e.op("Mul", e.cast(similarity, DOUBLE), e.cast(key_norms, DOUBLE))
 
 
 # ------------------------------------------------------------------ blocks and budget
