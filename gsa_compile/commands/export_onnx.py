@@ -55,7 +55,10 @@ def load_model(name: str, layers: int):
         raise GSAConfigError(f"--layers must be a positive integer, got {layers}")
     from .inspect import tiny_transformers_model
 
-    return tiny_transformers_model(name, layers)
+    model = tiny_transformers_model(name, layers)
+    # Mistral configs default to a 4096-token window, far past any prompt a tiny model reads.
+    model.config.sliding_window = None
+    return model
 
 
 def run(args) -> int:

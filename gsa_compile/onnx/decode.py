@@ -180,8 +180,13 @@ def _check_supported(model: nn.Module):
             f"with gsa_compile.functional and passing it to gsa_compile.export_onnx"
         )
     layer_types = getattr(text, "layer_types", None) or []
-    if getattr(text, "sliding_window", None) and "sliding_attention" in layer_types:
-        raise GSAError("DecodeStep does not implement sliding-window layers; allowed: full attention layers only")
+    window = getattr(text, "sliding_window", None)
+    if window and ("sliding_attention" in layer_types or getattr(text, "use_sliding_window", False)
+                   or model_type == "mistral"):
+        raise GSAError(
+            f"DecodeStep does not implement sliding-window attention (sliding_window={window}); allowed: "
+            f"full attention layers only (sliding_window=None)"
+        )
     return text
 
 

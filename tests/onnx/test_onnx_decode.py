@@ -102,3 +102,25 @@ def test_a_model_family_the_step_does_not_implement_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(gsa_compile.GSAError, match="model types"):
         DecodeStep(model, gsa_compile.GSAConfig.for_model(model))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_the_decode_step_of_each_family_decodes_like_the_hugging_face_gsa_route(model_type):
+    """DecodeStep reimplements the decoder layer around the model's modules: check it (eagerly,
+    the ONNX side is the Qwen3 test above) against transformers' own forward with GSA."""
+    from gsa_compile.commands.inspect import tiny_transformers_model
+
+    torch.manual_seed(0)
+    model = tiny_transformers_model(model_type, 2)
+    model.config.sliding_window = None
+    config = gsa_compile.GSAConfig.for_model(model, chunk_size=4, top_k_ratio_per_layer=[1, 0.4],
+                                             must_select_blocks=[0, -1], cpu_seq_len_threshold=8)
+    step = DecodeStep(model, config)
+    ids, mask = _prompt()
+    step_tokens = greedy_decode(torch_runner(step), step, ids, 8, attention_mask=mask)
+    optimized = gsa_compile.optimize(copy.deepcopy(model), config)
+    with torch.no_grad():
+        generated = optimized.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                       max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert optimized.gsa_runtime.total_stats().sparse_calls > 0
+    np.testing.assert_array_equal(step_tokens, generated[:, PROMPT:].numpy())
