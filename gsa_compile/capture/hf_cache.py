@@ -56,6 +56,12 @@ class CodesMixin(CacheLayerMixin):
         """uint8 [B, Hkv, L, R / 8], aligned with `keys` (None before the first update)."""
         return self._gsa_codes.keys
 
+    @property
+    def key_norms(self) -> Optional[torch.Tensor]:
+        """float32 [B, Hkv, L] when the config weights scores by key norms, else None."""
+        stored = self._gsa_codes.values
+        return None if stored is None or stored.shape[-1] == 0 else _bytes_to_norms(stored)
+
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         codes, norms = self._store_codes(*self.gsa_site.encode(key_states, value_states), *args, **kwargs)
@@ -63,11 +69,20 @@ class CodesMixin(CacheLayerMixin):
         return keys, values
 
     def _store_codes(self, codes, norms, *args, **kwargs):
-        # Norms ride as the codes layer's "values"; without them a zero-width tensor keeps the
-        # layer's shape bookkeeping intact at no cost.
-        payload = codes.new_empty((*codes.shape[:3], 0), dtype=torch.float32) if norms is None else norms.unsqueeze(-1)
-        all_codes, all_norms = self._gsa_codes.update(codes, payload, *args, **kwargs)
-        return all_codes, (None if norms is None else all_norms[..., 0])
+        # Norms ride as the codes layer's "values", as the 4 bytes of each float32 (some
+        # transformers versions give a static layer's values the dtype of its keys); without
+        # norms a zero-width tensor keeps the layer's shape bookkeeping intact at no cost.
+        payload = codes.new_empty((*codes.shape[:3], 0)) if norms is None else _norms_to_bytes(norms)
+        all_codes, all_payload = self._gsa_codes.update(codes, payload, *args, **kwargs)
+        return all_codes, (None if norms is None else _bytes_to_norms(all_payload))
+
+
+def _norms_to_bytes(norms: torch.Tensor) -> torch.Tensor:
+    return norms.to(torch.float32).unsqueeze(-1).contiguous().view(torch.uint8)
+
+
+def _bytes_to_norms(stored: torch.Tensor) -> torch.Tensor:
+    return stored.contiguous().view(torch.float32)[..., 0]
 
 
 def _mirrored(name: str):

@@ -65,5 +65,9 @@ def assert_codes_match_keys(cache) -> int:
             keys = site.key_builder(keys, values)[0]
         expected = functional.encode(keys, site.hash_weight)
         assert torch.equal(layer.codes[:, :, :length], expected), f"layer {site.layer}: codes differ from its keys"
+        if site.runtime.config.key_norm_weighting:
+            torch.testing.assert_close(layer.key_norms[:, :, :length], functional.key_norms(keys))
+        else:
+            assert layer.key_norms is None
         checked += 1
     return checked

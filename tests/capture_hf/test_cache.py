@@ -143,3 +143,14 @@ def test_reoptimizing_reencodes_a_cache_once_with_the_new_weights():
     decode_logits(model, _prompt()[:, :1], 1, cache=cache)
     assert model.gsa_runtime.sites[1].stats.encoded_tokens == PROMPT + 2 + 2
     assert assert_codes_match_keys(cache) == 2
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_key_norms_are_stored_beside_codes(cache_implementation):
+    original = build("llama")
+    model = optimize_transformers(copy.deepcopy(original), gsa_config(original, key_norm_weighting=True))
+    kwargs = dict(max_new_tokens=6, num_beams=2, do_sample=False, return_dict_in_generate=True,
+                  cache_implementation=cache_implementation)
+    out = model.generate(_prompt(), **kwargs)
+    assert torch.equal(out.sequences, original.generate(_prompt(), **kwargs).sequences)
+    assert assert_codes_match_keys(generated_cache(out)) == 2
