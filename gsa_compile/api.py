@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -87,6 +88,7 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
     model.compile(backend=gsa_backend, options=options)
     model.gsa_reports = reports
     model.gsa_codes_state = state
+    weakref.finalize(model, state.release)
     return model
 
 

@@ -11,7 +11,8 @@ it works without importing gsa_compile first. Options:
     compiler    "inductor" (default), "aot_eager" or "eager": what runs the rewritten graph
     reports     a list; the Report of every compiled graph is appended to it
     codes_state a CodesState shared by every graph of this compiled model (created on first use
-                and kept in the options dict, so recompiles keep the codes already computed)
+                and kept in the options dict, so recompiles keep the codes already computed;
+                it stays registered until its release())
     config_derived  True when `config` was derived for the model (GSAConfig.for_model) and
                 may be re-derived with the number of sites found
     parameter_names id(parameter) -> qualified name in the model (parameter_names(model)), to
@@ -75,15 +76,21 @@ def gsa_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = No
     gm = run_pipeline(gm, context)
     if options.get("reports") is not None:
         options["reports"].append(context.report)
-    return hand_on(gm, example_inputs, compiler)
+    return hand_on(gm, example_inputs, compiler, mode)
 
 
-def hand_on(gm: fx.GraphModule, example_inputs, compiler: str):
-    """Compile the rewritten graph with `compiler` (a registered dynamo backend name)."""
+def hand_on(gm: fx.GraphModule, example_inputs, compiler: str, mode: Optional[str] = None):
+    """Compile the rewritten graph with `compiler` (a registered dynamo backend name); an
+    Inductor `mode` of torch.compile ("max-autotune", ...) applies its Inductor options."""
     if compiler == "eager":
         return gm.forward
     from torch._dynamo.backends.registry import lookup_backend
 
+    if compiler == "inductor" and mode:
+        import torch._inductor
+
+        with torch._inductor.config.patch(torch._inductor.list_mode_options(mode)):
+            return lookup_backend(compiler)(gm, example_inputs)
     return lookup_backend(compiler)(gm, example_inputs)
 
 

@@ -31,15 +31,20 @@ logger = logging.getLogger(__name__)
 PER_KEY_QUANTITIES = ("codes", "norms")
 
 
+# id -> state, for the ops. Compiled graphs do not reliably keep Python objects alive (Inductor
+# returns its own callables), so states stay registered until released: optimize releases its
+# model's state when the model is freed; release() does it by hand.
 _STATES: dict = {}
 
 
-@dataclass
+@dataclass(eq=False)
 class CodesState:
-    """Per-site codes (and key norms) of the keys a rewritten graph has cached."""
+    """Per-site codes (and key norms) of the keys a rewritten graph has cached, and the sites'
+    hash weights for graphs that read them through gsa::stored_hash_weight."""
 
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    entries: dict = field(default_factory=dict)
+    entries: dict = field(default_factory=dict)  # (site, "codes" | "norms") -> tensor
+    hash_weights: dict = field(default_factory=dict)  # site -> float32 [Hkv, D, R]
     keys_encoded: int = 0  # keys (rows x heads x positions) encoded so far, for tests and logs
     full_reencodes: int = 0  # times stored codes could not be trusted and a cache was encoded whole
 
@@ -47,8 +52,13 @@ class CodesState:
         _STATES[self.id] = self  # the ops find their state by the id baked into the graph
 
     def reset(self) -> None:
-        """Forget every stored code (e.g. before reusing a static cache for another request)."""
+        """Forget every stored code; the next call encodes its caches whole once."""
         self.entries.clear()
+
+    def release(self) -> None:
+        """Drop this state (codes and hash weights): graphs that use it must not run again."""
+        self.entries.clear()
+        _STATES.pop(self.id, None)
 
 
 def state_for(state_id: str) -> CodesState:

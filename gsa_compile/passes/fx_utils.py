@@ -7,6 +7,7 @@ torch.export graphs hold aten overloads. Matchers ask `op_name(node)` for a cano
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any, Optional
 
 import torch
@@ -141,16 +142,13 @@ def module_path(node: fx.Node) -> str:
     return _clean_module_path(path)
 
 
+# Dynamo roots module paths at a frame variable: "L['self'].model.layers.0", "L['args'][0].h.1".
+_FRAME_ROOT = re.compile(r"^[LG]\[[^\]]*\](\[[^\]]*\])*\.?")
+
+
 def _clean_module_path(path: str) -> str:
-    # Dynamo records paths like "L['self'].model.layers.0" or "L['args'][0].layers.0"; export
-    # records "model.layers.0". Keep the attribute path below the root module.
-    if path.startswith(("L[", "G[")):
-        closing = path.find("]", path.rfind("L[") if path.startswith("L[") else 0)
-        rest = path[closing + 1:]
-        while rest.startswith("["):
-            rest = rest[rest.find("]") + 1:]
-        path = rest.lstrip(".")
-    return path
+    """The attribute path below the root module (export already records it that way)."""
+    return _FRAME_ROOT.sub("", path)
 
 
 def is_metadata_assert(node: fx.Node) -> bool:

@@ -17,26 +17,11 @@ import torch
 from torch import fx
 
 from ..hashing import layer_hash_weight
-from . import codes_state, stored_weights  # noqa: F401  (codes_state registers the gsa::cached_codes_* ops)
+from . import codes_state, stored_weights  # noqa: F401  (register gsa::cached_codes_*, gsa::stored_hash_weight)
 from .context import PassContext
 from .fx_utils import arg, is_op, normalize_dim, shape, value
 
 SEQUENCE_DIM = 2
-
-
-def site_key_geometry(match) -> tuple[int, int, torch.device]:
-    """(KV heads, key dim, device) of a site's keys in BHSD."""
-    if match.projection is not None:
-        embed = shape(match.query)[-1]
-        heads = match.projection["num_heads"]
-        return heads, embed // heads, value(match.query).device
-    dims = shape(match.key)
-    if match.key_permute is not None:
-        dims = tuple(dims[i] for i in match.key_permute)
-    if match.key_transposed:
-        dims = (*dims[:-2], dims[-1], dims[-2])
-    heads = dims[1] if len(dims) == 4 else 1
-    return heads, dims[-1], value(match.key).device
 
 
 def cache_update_of(match, order: dict):
@@ -76,7 +61,8 @@ def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModu
     by_layer = {match.layer: match for match in context.matches}
     for layer in context.rewrite_order:
         match = by_layer[layer]
-        heads, key_dim, device = site_key_geometry(match)
+        heads, key_dim = match.key_geometry()
+        device = value(match.query).device
         weight = layer_hash_weight(context.config, layer, heads, key_dim).to(device)
         name = f"gsa_hash_weight_{layer}"
         with gm.graph.inserting_before(match.output):
@@ -84,10 +70,9 @@ def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModu
                 gm.register_buffer(name, weight)
                 context.weights[layer] = gm.graph.get_attr(name)
             else:
-                key = f"{context.state.id}:{layer}"
-                stored_weights.store(key, weight)
+                context.state.hash_weights[layer] = weight
                 context.weights[layer] = gm.graph.call_function(
-                    torch.ops.gsa.stored_hash_weight.default, (match.query, key))
+                    torch.ops.gsa.stored_hash_weight.default, (match.query, context.state.id, layer))
         update = None if context.policies[layer] == "reuse" else cache_update_of(match, order)
         if update is None:
             context.codes[layer] = (None, None, "reuse" if context.policies[layer] == "reuse" else "call time")

@@ -6,6 +6,7 @@ from torch import fx
 
 from ..report import Unmatched
 from .context import PassContext
+from .fx_utils import module_path
 from .matchers import find_attention
 
 
@@ -13,8 +14,6 @@ def match_attention(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
     matches, refused = find_attention(gm.graph)
     context.matches = matches
     for candidate in refused:
-        from .fx_utils import module_path
-
         location = f"{module_path(candidate.node) or '<root>'}:{candidate.node.name}"
         context.report.unmatched.append(Unmatched(location=location, reason=candidate.reason))
     return gm

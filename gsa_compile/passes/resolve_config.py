@@ -12,16 +12,6 @@ from torch import fx
 from ..config import GSAConfig
 from ..errors import GSAConfigError
 from .context import PassContext
-from .fx_utils import shape
-
-
-def _key_head_dim(match) -> int:
-    if match.projection is not None:
-        return shape(match.query)[-1] // match.projection["num_heads"]
-    dims = shape(match.key)
-    if match.key_permute is not None:
-        dims = tuple(dims[i] for i in match.key_permute)
-    return dims[-2] if match.key_transposed else dims[-1]
 
 
 def resolve_config(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
@@ -29,7 +19,7 @@ def resolve_config(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
         return gm
     num_layers = max(match.layer for match in context.matches) + 1
     if context.config is None:
-        head_dim = _key_head_dim(context.matches[0])
+        head_dim = context.matches[0].key_geometry()[1]
         context.config = GSAConfig(
             model_name=gm.__class__.__name__, num_hidden_layers=num_layers, head_dim=head_dim,
             hash_bits=max(8, 8 * -(-head_dim // 8)),

@@ -163,3 +163,12 @@ def test_inspect_command(model, capsys):
         assert "left dense" in printed and "need_weights" in printed
     else:
         assert "2 attention sites" in printed
+
+
+def test_backend_without_options_keeps_its_state_alive():
+    """No options dict to hold the codes state: the compiled graph must hold it (and the weights)."""
+    torch._dynamo.reset()
+    module, inputs = Decode(), _decode_inputs()
+    with torch.no_grad():
+        out = torch.compile(module, backend="gsa")(*inputs)  # Inductor, derived config (dense at 64 keys)
+    torch.testing.assert_close(out, module(*inputs), **EXACT)

@@ -10,7 +10,6 @@ from torch._dynamo.utils import counters
 from gsa_compile import ops
 from gsa_compile.capture.dynamo_backend import gsa_backend
 from gsa_compile.capture.fx_examples import ManualAttentionBlock, StaticCacheAttention, TinyDecoder
-from gsa_compile.passes import stored_weights
 from gsa_compile.passes.codes_state import CodesState
 
 from helpers import EXACT, config, run_compiled
@@ -61,7 +60,7 @@ def test_growing_cache_encodes_each_key_once_without_recompiling():
     assert state.full_reencodes == 0
     assert state.keys_encoded == LAYERS * KV_HEADS * (PROMPT + STEPS)
     for layer, (key, _) in enumerate(cache):
-        weight = stored_weights.stored(f"{state.id}:{layer}")
+        weight = state.hash_weights[layer]
         torch.testing.assert_close(state.entries[(layer, "codes")], ops.encode(key, weight), rtol=0, atol=0)
 
 
@@ -108,7 +107,7 @@ def test_static_cache_index_copy_mirrors_the_cache():
         for step in range(8, 12):
             got = compiled(x[:, step:step + 1], torch.tensor([step]))
             torch.testing.assert_close(got, reference(x[:, step:step + 1], torch.tensor([step])), **EXACT)
-    weight = stored_weights.stored(f"{state.id}:0")
+    weight = state.hash_weights[0]
     torch.testing.assert_close(state.entries[(0, "codes")], ops.encode(module.key_cache, weight), rtol=0, atol=0)
     heads = module.heads
     assert state.keys_encoded == heads * 32 + heads * 4  # the whole cache once, then one key per step

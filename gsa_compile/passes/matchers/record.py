@@ -43,6 +43,20 @@ class AttentionMatch:
     def location(self) -> str:
         return f"{self.module_path or '<root>'}:{self.output.name}"
 
+    def key_geometry(self) -> tuple[int, int]:
+        """(KV heads, key dim) of the site's keys in BHSD (heads folded into the batch: 1 head)."""
+        from ..fx_utils import shape
+
+        if self.projection is not None:
+            heads = self.projection["num_heads"]
+            return heads, shape(self.query)[-1] // heads
+        dims = shape(self.key)
+        if self.key_permute is not None:
+            dims = tuple(dims[i] for i in self.key_permute)
+        if self.key_transposed:
+            dims = (*dims[:-2], dims[-1], dims[-2])
+        return (dims[1] if len(dims) == 4 else 1), dims[-1]
+
 
 @dataclass
 class NotProvable:
