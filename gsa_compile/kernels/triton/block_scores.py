@@ -137,9 +137,9 @@ def block_scores(
     per_program = max(1, min(runtime.next_power_of_2(n_blocks), TOKENS_PER_PROGRAM // block_c))
     lo, hi, used_lo, used_hi = _pack_must(resolve_must_select(must_select, n_blocks))
     out = torch.empty((batch, kv_heads, n_blocks), dtype=torch.float64, device=key_codes.device)
-    dummy = key_codes
-    valid_arg = valid.view(torch.uint8) if valid is not None else dummy
-    norms_arg = key_norms if key_norms is not None else dummy
+    # An absent input still needs a pointer argument; HAS_VALID / HAS_NORMS keep it unread.
+    valid_arg = valid.view(torch.uint8) if valid is not None else key_codes
+    norms_arg = key_norms if key_norms is not None else key_codes
     grid = (ceil_div(n_blocks, per_program), batch * kv_heads)
     _block_score_kernel[grid](
         query_words, key_words, valid_arg, norms_arg, out,
