@@ -13,7 +13,7 @@ CHUNK = 8
 
 def gsa_config(model, *, budget_tokens=4096, layers=4, **overrides) -> GSAConfig:
     """Layer 0 dense, layer 2 reusing layer 1's selection, the others selecting; thresholds 0
-    so every decode step of a selecting layer runs sparse on the CPU."""
+    so every decode step of a selecting layer runs sparse, on the CPU and on a GPU."""
     ratios = [1] + [0.5] * (layers - 1)
     reuse = [-1] * layers
     if layers > 2:
@@ -21,7 +21,8 @@ def gsa_config(model, *, budget_tokens=4096, layers=4, **overrides) -> GSAConfig
     base = GSAConfig.for_model(model)
     return base.replace(
         chunk_size=CHUNK, top_k_ratio_per_layer=ratios, top_k_index_reuse=reuse, budget_tokens=budget_tokens,
-        must_select_blocks=[0, -1], cpu_seq_len_threshold=0, cpu_concurrency_threshold=0, **overrides,
+        must_select_blocks=[0, -1], cpu_seq_len_threshold=0, cpu_concurrency_threshold=0,
+        gpu_seq_len_threshold=0, gpu_concurrency_threshold=0, **overrides,
     )
 
 
