@@ -111,8 +111,9 @@ def restore_transformers(model: nn.Module, runtime: Optional[GSARuntime] = None)
 
 @contextlib.contextmanager
 def gsa_disabled(model: nn.Module):
-    """Run an optimized model exactly as before optimizing (its original attention, caches
-    left untouched) inside the block, e.g. to compare dense and GSA decoding."""
+    """Run an optimized model with its original attention inside the block, e.g. to compare
+    dense and GSA decoding. Plain caches stay plain; a cache that already holds codes keeps
+    encoding the keys that enter it, so GSA can resume on it afterwards."""
     runtime: GSARuntime = model.gsa_runtime
     model.set_attn_implementation(runtime.original_implementation)
     runtime.enabled = False
