@@ -154,3 +154,15 @@ def test_key_norms_are_stored_beside_codes(cache_implementation):
     out = model.generate(_prompt(), **kwargs)
     assert torch.equal(out.sequences, original.generate(_prompt(), **kwargs).sequences)
     assert assert_codes_match_keys(generated_cache(out)) == 2
+
+
+def test_codes_stay_aligned_while_gsa_is_disabled(pair):
+    from gsa_compile.capture.hf import gsa_disabled
+
+    original, model = pair
+    cache = DynamicCache(config=model.config)
+    decode_logits(model, _prompt(), 2, cache=cache)
+    with gsa_disabled(model):
+        decode_logits(model, _prompt()[:, :1], 2, cache=cache)
+    assert cache.get_seq_length() == PROMPT + 2 + 3
+    assert assert_codes_match_keys(cache) == 2
