@@ -28,12 +28,19 @@ def quiet_and_fresh():
         yield
 
 
-def _decode_logits(model, prompt, token):
+def _decode_step(model, compiled, prompt, token):
+    """Logits of one decode step after `prompt`, by the original model and by the compiled one
+    (the prompt is prefilled eagerly: prefill runs dense anyway, and one compiled graph then
+    serves every decode step)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    model(prompt, past_key_values=cache, use_cache=True)
-    return model(token, past_key_values=cache, use_cache=True).logits
+    caches = []
+    for _ in range(2):
+        cache = DynamicCache(config=model.config)
+        model(prompt, past_key_values=cache, use_cache=True)
+        caches.append(cache)
+    want = model(token, past_key_values=caches[0], use_cache=True).logits
+    return compiled(token, past_key_values=caches[1], use_cache=True).logits, want
 
 
 @pytest.mark.parametrize("model_type", sorted(MODELS))
@@ -48,10 +55,9 @@ def test_compile_route(model_type):
     generator = torch.Generator().manual_seed(0)
     token = torch.randint(0, VOCAB, (1, 1), generator=generator)
     with torch.no_grad():
-        short = torch.randint(0, VOCAB, (1, 24), generator=generator)
-        torch.testing.assert_close(_decode_logits(compiled, short, token), _decode_logits(model, short, token), **EXACT)
-        long = torch.randint(0, VOCAB, (1, 60), generator=generator)
-        sparse, dense = _decode_logits(compiled, long, token), _decode_logits(model, long, token)
+        got, want = _decode_step(model, compiled, torch.randint(0, VOCAB, (1, 24), generator=generator), token)
+        torch.testing.assert_close(got, want, **EXACT)
+        sparse, dense = _decode_step(model, compiled, torch.randint(0, VOCAB, (1, 60), generator=generator), token)
     assert (sparse - dense).abs().max() > 1e-4, "the small-budget decode step equals dense: sparse path not live"
     for report in reports:
         assert len(report.sites) == layers, report.table()

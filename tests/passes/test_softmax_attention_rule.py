@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -11,8 +13,8 @@ from helpers import EXACT, config, decode_inputs, run_compiled
 from variants import HandWrittenAttention, Variant, all_variants
 
 VARIANTS = list(all_variants())
-# A fixed spread over the product (every option value appears), to stay within the CI budget.
-SAMPLED = VARIANTS[::11]
+# A fixed sample of the product (every option value appears, checked below), for the CI budget.
+SAMPLED = random.Random(0).sample(VARIANTS, 40)
 
 
 def _inputs(masked_key: int = 5):
