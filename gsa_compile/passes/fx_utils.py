@@ -51,6 +51,9 @@ _SPELLINGS: dict[str, tuple] = {
     "cat": (torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat),
     "index_copy": (torch.index_copy, aten.index_copy, "index_copy"),
     "index_copy_": (aten.index_copy_, "index_copy_"),
+    "setitem": (operator.setitem,),
+    "slice": (aten.slice,),
+    "copy_": (aten.copy_, "copy_"),
 }
 
 _BY_TARGET: dict[Any, str] = {}

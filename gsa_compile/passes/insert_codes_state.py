@@ -2,8 +2,9 @@
 
 The pass looks at what produces the site's (un-repeated) keys:
 - torch.cat([past, new], dim=2)                  a growing cache -> gsa::cached_codes_cat
-- cache.index_copy(2, index, new), or an in-place
-  cache.index_copy_(2, index, new) before the site a static cache  -> gsa::cached_codes_index_copy
+- cache.index_copy(2, index, new), an in-place
+  cache.index_copy_(2, index, new) before the site, or a slice assignment
+  cache[:, :, start:stop] = new before the site    a static cache  -> gsa::cached_codes_index_copy
 and inserts the matching codes update (codes of `new` only) next to the cache update, on the
 codes state the rewritten graph owns (passes/codes_state.py). Key norms get the same treatment
 when config.key_norm_weighting. Anything else is the no-cache case: the site encodes its keys
@@ -25,7 +26,8 @@ SEQUENCE_DIM = 2
 
 
 def cache_update_of(match, order: dict):
-    """("cat", past, new) | ("index_copy", cache, index, new) | None for the site's keys."""
+    """("cat", past, new) | ("index_copy", cache, index, new) | ("slice", cache, start, new) |
+    None for the site's keys."""
     if match.projection is not None or match.key_permute is not None or match.key_transposed:
         return None
     key = match.key
@@ -42,9 +44,35 @@ def cache_update_of(match, order: dict):
         return _index_copy(key, key)
     # An in-place update of a cache buffer the site then reads.
     for user in key.users:
-        if is_op(user, "index_copy_") and order[user] < order[match.output]:
+        if order[user] > order[match.output]:
+            continue
+        if is_op(user, "index_copy_"):
             return _index_copy(user, key)
+        assigned = _slice_assignment(user)
+        if assigned is not None:
+            return ("slice", key, *assigned)
     return None
+
+
+def _slice_assignment(user: fx.Node):
+    """(start, new) when `user` writes new into cache[:, :, start:start + len] in place:
+    dynamo's setitem(cache, (:, :, start:stop), new) or export's copy_(slice(cache, 2, start, stop), new)."""
+    full = slice(None, None, None)
+    if is_op(user, "setitem") and isinstance(user.args[1], tuple):
+        index = user.args[1]
+        if len(index) >= 3 and index[0] == full and index[1] == full and isinstance(index[2], slice) \
+                and index[2].step in (None, 1) and all(i == full or i is Ellipsis for i in index[3:]):
+            return index[2].start or 0, user.args[2]
+    if is_op(user, "slice") and normalize_dim(user.args[1], 4) == SEQUENCE_DIM and arg(user, 4, "step", 1) == 1:
+        writes = [w for w in user.users if is_op(w, "copy_") and w.args[0] is user]
+        if len(writes) == 1:
+            return arg(user, 2, "start", 0) or 0, writes[0].args[1]
+    return None
+
+
+def slice_positions(new: torch.Tensor, start) -> torch.Tensor:
+    """The positions a slice assignment of `new` at `start` writes (its index_copy index)."""
+    return torch.arange(new.shape[SEQUENCE_DIM], device=new.device) + start
 
 
 def _index_copy(update: fx.Node, cache: fx.Node):
@@ -78,6 +106,10 @@ def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModu
             context.codes[layer] = (None, None, "reuse" if context.policies[layer] == "reuse" else "call time")
             continue
         kind, *operands = update
+        if kind == "slice":
+            cache, start, new = operands
+            with gm.graph.inserting_before(match.output):
+                operands = [cache, gm.graph.call_function(slice_positions, (new, start)), new]
         op = torch.ops.gsa.cached_codes_cat.default if kind == "cat" else torch.ops.gsa.cached_codes_index_copy.default
         quantities = ("codes", "norms") if context.config.key_norm_weighting else ("codes",)
         made = []

@@ -116,3 +116,48 @@ def test_static_cache_index_copy_mirrors_the_cache():
 def test_no_cache_encodes_at_call_time():
     _, report = run_compiled(ManualAttentionBlock().eval(), config(head_dim=8), torch.randn(1, 8, 32))
     assert report.sites[0].note == "codes: call time"
+
+
+class SliceAssignedCache(StaticCacheAttention):
+    """A static cache written by slice assignment at a position given as an int."""
+
+    def forward(self, x, start: int):
+        batch, steps, hidden = x.shape
+        q, k, v = self.qkv(x).view(batch, steps, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        self.key_cache[:, :, start:start + steps] = k
+        self.value_cache[:, :, start:start + steps] = v
+        keep = torch.arange(self.key_cache.shape[2])[None, :] < start + steps
+        out = torch.nn.functional.scaled_dot_product_attention(q, self.key_cache, self.value_cache, attn_mask=keep)
+        return self.out(out.transpose(1, 2).reshape(batch, steps, hidden))
+
+
+@pytest.mark.parametrize("route", ["compile", "export"])
+def test_slice_assigned_static_cache(route):
+    from gsa_compile import export
+
+    torch.manual_seed(0)
+    module, reference = SliceAssignedCache(max_len=16).eval(), SliceAssignedCache(max_len=16).eval()
+    reference.load_state_dict(module.state_dict())
+    cfg = config(head_dim=8, chunk_size=4, budget_tokens=16)
+    x = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(5))
+    if route == "compile":
+        state = CodesState()
+        torch._dynamo.reset()
+        runner = torch.compile(module, backend=gsa_backend, dynamic=False, options={
+            "config": cfg, "compiler": "eager", "codes_state": state})
+    else:
+        program = export(module, (x[:, :1], 1), config=cfg,
+                         dynamic_shapes={"x": None, "start": torch.export.Dim.DYNAMIC})
+        assert program.gsa_report.sites[0].note == "codes: slice"
+        runner, state = program.module(), program.gsa_codes_state
+    with torch.no_grad():
+        for step in range(3):
+            torch.testing.assert_close(runner(x[:, step:step + 1], step), reference(x[:, step:step + 1], step), **EXACT)
+    torch.testing.assert_close(state.entries[(0, "codes")], ops.encode(module.key_cache, _weight(runner, state)),
+                               rtol=0, atol=0)
+
+
+def _weight(runner, state):
+    if state.hash_weights:
+        return state.hash_weights[0]
+    return runner.gsa_hash_weight_0
