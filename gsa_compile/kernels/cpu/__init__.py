@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import register_kernel
 from ..common import block_token_index, unpack_codes
-from ..reference import block_scores, encode, masked_attention, top_blocks
+from ..reference import encode, masked_attention, select_from_similarity
 
 _BYTE_BITS = {}
 
@@ -43,12 +43,7 @@ def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch
 
 def select_blocks(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope):
     similarity = token_similarity(query, key_codes, weight)
-    if key_norms is not None:
-        similarity = similarity * key_norms.to(torch.float32)
-    scores = block_scores(similarity, valid, chunk_size, repre)
-    if scope == "shared":
-        scores = scores.amax(dim=1, keepdim=True).expand_as(scores)
-    return top_blocks(scores, must_select, num_blocks)
+    return select_from_similarity(similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope)
 
 
 def gather_selected(key, value, blocks, valid, attn_bias, chunk_size):

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..reference import block_scores, top_blocks
+from ..reference import select_from_similarity
 from .encode import encode
 from .runtime import torch_npu
 
@@ -47,12 +47,7 @@ def select_blocks(
     query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope
 ) -> torch.Tensor:
     similarity = token_similarity(query, key_codes, weight)
-    if key_norms is not None:
-        similarity = similarity * key_norms.to(torch.float32)
-    scores = block_scores(similarity, valid, chunk_size, repre)
-    if scope == "shared":
-        scores = scores.amax(dim=1, keepdim=True).expand_as(scores)
-    return top_blocks(scores, must_select, num_blocks)
+    return select_from_similarity(similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope)
 
 
 def supports_select_blocks(

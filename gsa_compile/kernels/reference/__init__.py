@@ -87,16 +87,24 @@ def top_blocks(
     return chosen.to(torch.int32)
 
 
-def select_blocks(
-    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope
+def select_from_similarity(
+    similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope
 ) -> torch.Tensor:
-    similarity = token_similarity(query, key_codes, weight)
+    """Token similarities [B, Hkv, L] -> selection: norm weighting, block scores, scope, top-k.
+    Backends that compute similarities their own way share everything after that here."""
     if key_norms is not None:
-        similarity = similarity * key_norms.to(torch.float64)
+        similarity = similarity * key_norms.to(similarity.dtype)
     scores = block_scores(similarity, valid, chunk_size, repre)
     if scope == "shared":
         scores = scores.amax(dim=1, keepdim=True).expand_as(scores)
     return top_blocks(scores, must_select, num_blocks)
+
+
+def select_blocks(
+    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope
+) -> torch.Tensor:
+    similarity = token_similarity(query, key_codes, weight)
+    return select_from_similarity(similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope)
 
 
 def selected_token_mask(blocks: torch.Tensor, chunk_size: int, num_keys: int) -> torch.Tensor:
