@@ -135,8 +135,14 @@ class ManualAttentionBlock(nn.Module):
 
 
 def build_example(name: str, layers: int = 4) -> tuple[nn.Module, tuple]:
-    """(model, example args) of a built-in example by name (see EXAMPLES)."""
-    torch.manual_seed(0)
+    """(model, example args) of a built-in example by name (see EXAMPLES), with seeded weights
+    (the global random state is left as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _build(name, layers)
+
+
+def _build(name: str, layers: int) -> tuple[nn.Module, tuple]:
     if name in ("decoder", "decoder_repeat_kv", "decoder_manual"):
         repeat = {"decoder": "sdpa_gqa", "decoder_repeat_kv": "repeat_kv", "decoder_manual": "manual"}[name]
         model = TinyDecoder(layers=layers, repeat=repeat).eval()
