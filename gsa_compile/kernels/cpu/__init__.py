@@ -1,44 +1,62 @@
 """CPU kernels: scoring straight from packed codes, attention over the selected blocks only.
 
-Scoring: with s in {-1, +1}, sum_i (R - 2 hamming(q_i, k)) = <sum_i s(q_i), s(k)>. Summing the
-group's query codes first leaves one small integer vector per KV head; a 256-entry table per
-code byte then turns each key's R/8 code bytes into R/8 table lookups (embedding_bag sums
-them), so keys are never unpacked. Attention gathers the selected blocks' tokens and runs
-exact softmax attention on them alone; no score over all L keys is formed."""
+Scoring XORs each key's packed code with the codes of its group's query heads, word by word
+(64-bit words where R allows), and counts the differing bits with numpy's hardware popcount
+(numpy.bitwise_count); sum_i (R - 2 hamming(q_i, k)) is then one subtraction. Keys are never
+unpacked, and the (batch row, KV head) pairs are split over a thread pool (numpy releases
+the GIL). Attention gathers the selected blocks' tokens and runs exact softmax attention on
+them alone; no score over all L keys is formed."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import register_kernel
-from ..common import block_token_index, unpack_codes
+from ..common import block_token_index
 from ..reference import encode, masked_attention, select_from_similarity
 
-_BYTE_BITS = {}
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def _byte_bits(device: torch.device) -> torch.Tensor:
-    """[8, 256] float32: entry (i, v) is bit i of byte value v."""
-    key = str(device)
-    if key not in _BYTE_BITS:
-        values = torch.arange(256, dtype=torch.int64)
-        _BYTE_BITS[key] = ((values[None, :] >> torch.arange(8)[:, None]) & 1).to(torch.float32).to(device)
-    return _BYTE_BITS[key]
+def _word_view(codes: np.ndarray) -> np.ndarray:
+    """View uint8 codes [..., R/8] as the widest unsigned words that tile a code exactly."""
+    for word in (np.uint64, np.uint32, np.uint16):
+        if codes.shape[-1] % np.dtype(word).itemsize == 0:
+            return codes.view(word)
+    return codes
+
+
+def _group_hamming(key_words: np.ndarray, query_words: np.ndarray) -> np.ndarray:
+    """key_words [L, W], query_words [G, W] -> int32 [L]: sum over g of hamming(q_g, k)."""
+    total = None
+    for query in query_words:
+        counts = np.bitwise_count(key_words ^ query)  # [L, W] uint8, each <= 64
+        per_key = counts[:, 0].astype(np.uint16)
+        for word in range(1, counts.shape[1]):
+            per_key += counts[:, word]
+        total = per_key.astype(np.int32) if total is None else total + per_key
+    return total
+
+
+def _pool() -> ThreadPoolExecutor:
+    workers = max(1, torch.get_num_threads())
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="gsa-cpu")
+    return _POOLS[workers]
 
 
 def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, L] float32 similarities from packed codes via per-byte lookup tables."""
+    """[B, Hkv, L] float32: sum over the group's query heads of R - 2 * hamming."""
     batch, kv_heads, num_keys, code_bytes = key_codes.shape
     groups = query.shape[1] // kv_heads
-    query_signs = unpack_codes(encode(query, weight))[:, :, 0, :].to(torch.float32) * 2 - 1
-    group_sum = query_signs.reshape(batch, kv_heads, groups, code_bytes * 8).sum(2)
-    # table[b, h, byte, v] = sum of group_sum over the set bits of v in that byte
-    table = group_sum.reshape(batch, kv_heads, code_bytes, 8) @ _byte_bits(query.device)
-    offsets = torch.arange(batch * kv_heads * code_bytes, dtype=torch.int32, device=query.device) * 256
-    index = torch.add(offsets.reshape(batch, kv_heads, 1, code_bytes), key_codes)  # one int32 pass
-    gathered = F.embedding_bag(index.reshape(-1, code_bytes), table.reshape(-1, 1), mode="sum")
-    return gathered.reshape(batch, kv_heads, num_keys) * 2 - group_sum.sum(-1, keepdim=True)
+    keys = _word_view(key_codes.contiguous().numpy()).reshape(batch * kv_heads, num_keys, -1)
+    queries = _word_view(encode(query, weight).numpy()).reshape(batch * kv_heads, groups, -1)
+    rows = list(_pool().map(lambda row: _group_hamming(keys[row], queries[row]), range(batch * kv_heads)))
+    hamming = torch.from_numpy(np.stack(rows)).reshape(batch, kv_heads, num_keys)
+    return (groups * code_bytes * 8 - 2 * hamming).to(torch.float32)
 
 
 def select_blocks(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope):
