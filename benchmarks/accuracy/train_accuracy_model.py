@@ -434,6 +434,7 @@ def main(argv=None) -> int:
                                       dtype=getattr(torch, eval_dtype))
     lens = [int(x) for x in args.eval_lens.split(",") if x]
     table: dict = {task: {} for task in T.TASKS}
+    errors: dict = {}
     for L in sorted(lens):
         for task in T.TASKS:
             if args.eval_budget and time.time() - t1 > args.eval_budget:
@@ -442,14 +443,22 @@ def main(argv=None) -> int:
                 continue
             ts = time.time()
             samples = T.make_samples(task, L, args.eval_n, seed=args.eval_seed)
-            acc = T.answer_accuracy(m, samples, batch_size=args.eval_batch)
+            try:
+                acc = T.answer_accuracy(m, samples, batch_size=args.eval_batch)
+            except Exception as exc:  # e.g. out of memory: keep the weights and the other cells
+                errors[f"{task}@{L}"] = repr(exc)[:500]
+                table[task][str(L)] = None
+                log(f"eval {task:8s} @ {L:6d}: FAILED {exc!r:.200}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             table[task][str(L)] = acc
             log(f"eval {task:8s} @ {L:6d}: {acc:.3f} (n={args.eval_n}, {time.time() - ts:.1f}s)")
     eval_time = time.time() - t1
     results = {
         "dense_accuracy": table,
         "eval": {"n_per_cell": args.eval_n, "seed": args.eval_seed, "attn_implementation": args.eval_attn,
-                 "dtype": f"{eval_dtype} (weights stored bf16)", "device": str(device), "time_s": round(eval_time, 1)},
+                 "dtype": f"{eval_dtype} (weights stored bf16)", "device": str(device), "time_s": round(eval_time, 1), "errors": errors},
         "training": stats,
         "model": {"params": n_params, "safetensors_bytes": size, "config": json.loads((args.out_dir / "config.json").read_text())},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -161,15 +161,25 @@ def test_missing_weights_is_an_error(tmp_path):
 COMMITTED = (acc_model.ASSET_DIR / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not COMMITTED, reason="accuracy model weights not committed yet")
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_committed_model_is_accurate(attn):
-    m = acc_model.load_accuracy_model(attn_implementation=attn)
+def test_committed_model_is_accurate():
+    m = acc_model.load_accuracy_model(attn_implementation="sdpa")
     cfg = m.config
     assert cfg.num_attention_heads == 8 and cfg.num_key_value_heads == 2 and cfg.head_dim == 64
+    assert cfg.num_hidden_layers == 6 and cfg.vocab_size == T.VOCAB_SIZE
     samples = []
     for task in T.TASKS:
-        samples += T.make_samples(task, 1024, 4, seed=99)
-        samples += T.make_samples(task, 2048, 3, seed=99)
+        samples += T.make_samples(task, 1024, 3, seed=99)
+        samples += T.make_samples(task, 2048, 1, seed=99)
     acc = T.answer_accuracy(m, samples, batch_size=4)
     assert acc >= 0.9, acc
+
+
+@pytest.mark.skipif(not COMMITTED, reason="accuracy model weights not committed yet")
+def test_committed_model_eager_matches_sdpa():
+    samples = [T.make_samples(task, 512, 1, seed=7)[0] for task in T.TASKS]
+    eager = T.generate_answers(acc_model.load_accuracy_model(attn_implementation="eager"), samples)
+    sdpa = T.generate_answers(acc_model.load_accuracy_model(attn_implementation="sdpa"), samples)
+    assert all(torch.equal(a, b) for a, b in zip(eager, sdpa))
+    assert sum(torch.equal(a, s.answer) for a, s in zip(eager, samples)) >= 2
