@@ -5,29 +5,33 @@ Reproducible up to the wall-clock budget: data, initialisation and the curriculu
 random draws come from --seed; the number of steps is what fits in --time-budget
 seconds (the learning-rate schedule follows elapsed time), so it depends on the machine.
 
-    python benchmarks/accuracy/train_accuracy_model.py --time-budget 270 --out-dir out/acc
+    python benchmarks/accuracy/train_accuracy_model.py --time-budget 280 --out-dir out/acc
+
+(the shipped model's exact command is in benchmarks/accuracy/README.md)
 
 What it does:
   * mixes the three tasks of gsa_compile.accuracy.tasks uniformly, each training sequence
-    asking 1..8 questions (kv), 1..4 (needle) or 1 (passkey);
-  * curriculum of context lengths min-len, 2*min-len, ..., max-len; a constant number of
-    tokens per batch; a stage advances once the running answer-token accuracy at its
-    length reaches --advance-acc, or at the latest when its share of the time budget is
-    spent (the last stage is reached by --reach-max-at of the budget, once the accuracy
-    is at least --deadline-min-acc); --mix-shorter of
-    the batches use a shorter length already learnt;
+    asking 1..16 questions (kv), 1..8 (needle) or 1 (passkey), as many as fit; rows of
+    short stages hold fewer records (at most half the row);
+  * curriculum of context lengths min-len (64), 2*min-len, ..., max-len (8192); a constant
+    number of tokens per batch; a stage advances once the running answer-token accuracy
+    of the WORST task at its length reaches --advance-acc, or when its share of the time
+    budget is spent (the last stage is due at --reach-max-at of the budget) provided the
+    worst task is at least --deadline-min-acc; --mix-shorter of the batches use a shorter
+    length already learnt; batches are generated ahead by --workers processes;
   * positional stretching (PoSE-like): in --pose-prob of the max-length batches the
     position ids jump by a random offset at a random point, so the model sees relative
     distances up to --pose-max;
-  * --copy-frac of the rows (in batches up to --copy-max-len) are copy drills (a random
-    run repeated; the repeat is the target): dense supervision for the induction
+  * --copy-frac of the rows (in batches up to --copy-max-len) are copy drills (random
+    spans repeated at random offsets; the repeats are the targets): dense supervision for the induction
     (match-and-copy) circuit that every task needs, which shortens the initial plateau;
   * loss: cross-entropy on the answer tokens (the head runs only on those positions),
     plus --lm-weight times the next-token loss on every other position;
   * bf16 autocast on CUDA, fp32 master weights, AdamW, warm-up then cosine decay;
   * stops training on the wall-clock budget, writes config.json + model.safetensors
     (bf16) to --out-dir, reloads them and measures held-out dense greedy accuracy per task
-    at --eval-lens (default 1K/4K/8K/16K) into results.json; --install also copies the
+    at --eval-lens (default 1K/4K/8K/16K; bf16 on CUDA, fp32 on the CPU) into
+    results.json; --install also copies the
     weights into gsa_compile/assets/accuracy_model/.
 """
 
