@@ -20,7 +20,6 @@ it works without importing gsa_compile first. Options:
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import torch
@@ -30,8 +29,6 @@ from ..config import GSAConfig, load_config
 from ..errors import GSAConfigError
 from ..passes import PassContext, run_pipeline
 from ..passes.codes_state import CodesState
-
-logger = logging.getLogger(__name__)
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 OPTIONS = ("config", "compiler", "reports", "codes_state", "config_derived", "parameter_names")

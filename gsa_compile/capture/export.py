@@ -11,15 +11,12 @@ usual) that torch.export tooling, AOTInductor and the ONNX exporter accept."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import torch
 
 from ..passes import PassContext, run_pipeline
 from .dynamo_backend import resolve_config_option
-
-logger = logging.getLogger(__name__)
 
 
 def export(

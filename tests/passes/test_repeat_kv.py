@@ -10,7 +10,7 @@ from gsa_compile import export
 from gsa_compile.capture.fx_examples import repeat_kv
 from gsa_compile.passes.site_runtime import gsa_site
 
-from helpers import EXACT, config, decode_inputs, run_compiled
+from helpers import EXACT, config, decode_inputs
 
 REPEATS = {
     "repeat_kv": lambda x, g: repeat_kv(x, g),
