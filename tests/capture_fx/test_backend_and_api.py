@@ -163,3 +163,14 @@ def test_inspect_command(model, capsys):
     else:
         assert "2 attention sites" in printed
 
+
+
+def test_config_by_shipped_name():
+    torch._dynamo.reset()
+    reports = []
+    model = TinyDecoder(layers=3).eval()
+    with torch.no_grad():
+        torch.compile(model, backend="gsa", options={"config": "Qwen/Qwen3-4B", "compiler": "eager",
+                                                     "reports": reports})(torch.randint(0, 64, (1, 8)), model.empty_cache())
+    shipped = gsa_compile.load_config("Qwen/Qwen3-4B")
+    assert [site.policy for site in reports[0].sites] == [shipped.layer_policy(layer) for layer in range(3)]
