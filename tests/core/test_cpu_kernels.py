@@ -172,3 +172,12 @@ def test_select_errors_name_the_argument():
         F.select_blocks(query.expand(-1, -1, 2, -1), codes, weight, chunk_size=16, num_blocks=4)
     with pytest.raises(gsa_compile.GSAInputError, match="exactly one of top_k_ratio and budget_tokens"):
         F.gsa_attention(query, key, value, weight, chunk_size=16)
+
+
+def test_row_without_a_valid_selected_token_returns_zeros():
+    query, key, value, valid, weight = make_inputs(2, 2, 64, 64, 16, seed=10)
+    valid[1] = False
+    blocks = torch.tensor([[[0, 1], [1, 2]], [[0, 1], [1, 2]]], dtype=torch.int32)
+    for kernel in (reference.sparse_attention, cpu.sparse_attention):
+        out = kernel(query, key, value, blocks, valid, None, 16, None, None)
+        assert torch.isfinite(out).all() and out[1].abs().max() == 0 and out[0].abs().max() > 0

@@ -29,16 +29,16 @@ def _word_view(codes: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _group_hamming(key_words: np.ndarray, query_words: np.ndarray) -> np.ndarray:
-    """key_words [L, W], query_words [G, W] -> int32 [L]: sum over g of hamming(q_g, k)."""
-    total = None
+def _group_similarity(key_words: np.ndarray, query_words: np.ndarray, bits: int) -> np.ndarray:
+    """key_words [L, W], query_words [G, W] -> float32 [L]: sum over g of bits - 2 hamming(q_g, k)."""
+    hamming = None
     for query in query_words:
         counts = np.bitwise_count(key_words ^ query)  # [L, W] uint8, each <= 64
         per_key = counts[:, 0].astype(np.uint16)
         for word in range(1, counts.shape[1]):
             per_key += counts[:, word]
-        total = per_key.astype(np.int32) if total is None else total + per_key
-    return total
+        hamming = per_key.astype(np.int32) if hamming is None else hamming + per_key
+    return (len(query_words) * bits - 2 * hamming).astype(np.float32)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -54,9 +54,9 @@ def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch
     groups = query.shape[1] // kv_heads
     keys = _word_view(key_codes.contiguous().numpy()).reshape(batch * kv_heads, num_keys, -1)
     queries = _word_view(encode(query, weight).numpy()).reshape(batch * kv_heads, groups, -1)
-    rows = list(_pool().map(lambda row: _group_hamming(keys[row], queries[row]), range(batch * kv_heads)))
-    hamming = torch.from_numpy(np.stack(rows)).reshape(batch, kv_heads, num_keys)
-    return (groups * code_bytes * 8 - 2 * hamming).to(torch.float32)
+    bits = code_bytes * 8
+    rows = _pool().map(lambda row: _group_similarity(keys[row], queries[row], bits), range(batch * kv_heads))
+    return torch.from_numpy(np.stack(list(rows))).reshape(batch, kv_heads, num_keys)
 
 
 def select_blocks(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope):
@@ -87,10 +87,18 @@ def gather_selected(key, value, blocks, valid, attn_bias, chunk_size):
 
 def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap):
     keys, values, allowed, bias = gather_selected(key, value, blocks, valid, attn_bias, chunk_size)
-    if bias is not None:
-        groups = query.shape[1] // key.shape[1]
-        bias = bias.expand(-1, -1, groups, -1).reshape(query.shape[0], query.shape[1], 1, -1)
-    return masked_attention(query, keys, values, allowed, bias, scale, softcap)
+    batch, q_heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    if softcap is not None or query.dtype == torch.float64:
+        if bias is not None:
+            bias = bias.expand(-1, -1, q_heads // kv_heads, -1).reshape(batch, q_heads, 1, -1)
+        return masked_attention(query, keys, values, allowed, bias, scale, softcap)
+    # One fused SDPA call: the G query heads of a KV head are its G query rows.
+    mask = allowed if bias is None else bias.to(query.dtype).masked_fill(~allowed, float("-inf"))
+    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    # A KV head with no allowed token gives NaN rows; the spec says zeros.
+    return out.nan_to_num_(0.0).reshape(batch, q_heads, 1, -1)
 
 
 register_kernel("select_blocks", "cpu", select_blocks)
