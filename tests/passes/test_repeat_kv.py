@@ -65,4 +65,7 @@ def test_export_reads_unrepeated_keys():
     assert program.gsa_report.sites[0].gqa_groups == 2
     encode_inputs = [n.args[0] for n in program.graph.nodes if n.target is torch.ops.gsa.encode.default]
     assert [node.meta["val"].shape[1] for node in encode_inputs] == [2]
+    # The repeated K/V is not materialised: no 5-D expand of the keys or values is left.
+    expands = [n for n in program.graph.nodes if n.target is torch.ops.aten.expand.default]
+    assert not [n for n in expands if n.meta["val"].dim() == 5]
     torch.testing.assert_close(program.module()(q, k, v), module(q, k, v), **EXACT)
