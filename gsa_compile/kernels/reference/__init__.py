@@ -23,9 +23,11 @@ def encode(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     batch, heads, length, dim = x.shape
     kv_heads = weight.shape[0]
     dtype = projection_dtype(x)
-    # Heads i*G .. i*G+G-1 share weight i: fold them into the length axis, one matmul per KV head.
+    # Heads i*G .. i*G+G-1 share weight i: fold them into the length axis, one matmul per KV
+    # head (plain matrix products: batched ones stall for milliseconds on busy CPU threads).
     grouped = x.to(dtype).reshape(batch, kv_heads, (heads // kv_heads) * length, dim)
-    projected = grouped @ weight.to(device=x.device, dtype=dtype)
+    weight = weight.to(device=x.device, dtype=dtype)
+    projected = torch.stack([grouped[:, head] @ weight[head] for head in range(kv_heads)], dim=1)
     return pack_bits(projected.reshape(batch, heads, length, -1) >= 0)
 
 
