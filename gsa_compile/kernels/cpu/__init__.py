@@ -3,13 +3,11 @@
 Scoring XORs each key's packed code with the codes of its group's query heads, word by word
 (64-bit words where R allows), and counts the differing bits with numpy's hardware popcount
 (numpy.bitwise_count); sum_i (R - 2 hamming(q_i, k)) is then one subtraction. Keys are never
-unpacked, and the (batch row, KV head) pairs are split over a thread pool (numpy releases
-the GIL). Attention gathers the selected blocks' tokens and runs exact softmax attention on
-them alone; no score over all L keys is formed."""
+unpacked. The work runs as a few large numpy calls over all (row, KV head) pairs at once:
+splitting it over Python threads made each short call wait on the GIL. Attention gathers the
+selected blocks' tokens and runs one fused SDPA over them; no score over all L keys is formed."""
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -17,8 +15,6 @@ import torch
 from .. import register_kernel
 from ..common import block_token_index
 from ..reference import encode, masked_attention, select_from_similarity
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def _word_view(codes: np.ndarray) -> np.ndarray:
@@ -29,34 +25,21 @@ def _word_view(codes: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _group_similarity(key_words: np.ndarray, query_words: np.ndarray, bits: int) -> np.ndarray:
-    """key_words [L, W], query_words [G, W] -> float32 [L]: sum over g of bits - 2 hamming(q_g, k)."""
-    hamming = None
-    for query in query_words:
-        counts = np.bitwise_count(key_words ^ query)  # [L, W] uint8, each <= 64
-        per_key = counts[:, 0].astype(np.uint16)
-        for word in range(1, counts.shape[1]):
-            per_key += counts[:, word]
-        hamming = per_key.astype(np.int32) if hamming is None else hamming + per_key
-    return (len(query_words) * bits - 2 * hamming).astype(np.float32)
-
-
-def _pool() -> ThreadPoolExecutor:
-    workers = max(1, torch.get_num_threads())
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="gsa-cpu")
-    return _POOLS[workers]
-
-
 def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, L] float32: sum over the group's query heads of R - 2 * hamming."""
     batch, kv_heads, num_keys, code_bytes = key_codes.shape
     groups = query.shape[1] // kv_heads
     keys = _word_view(key_codes.contiguous().numpy()).reshape(batch * kv_heads, num_keys, -1)
-    queries = _word_view(encode(query, weight).numpy()).reshape(batch * kv_heads, groups, -1)
-    bits = code_bytes * 8
-    rows = _pool().map(lambda row: _group_similarity(keys[row], queries[row], bits), range(batch * kv_heads))
-    return torch.from_numpy(np.stack(list(rows))).reshape(batch, kv_heads, num_keys)
+    queries = _word_view(encode(query, weight).numpy()).reshape(batch * kv_heads, groups, 1, -1)
+    hamming = None
+    for group in range(groups):
+        counts = np.bitwise_count(keys ^ queries[:, group])  # [BH, L, W] uint8, each <= 64
+        per_key = counts[..., 0].astype(np.uint16)
+        for word in range(1, counts.shape[-1]):
+            per_key += counts[..., word]
+        hamming = per_key.astype(np.int32) if hamming is None else hamming + per_key
+    similarity = (groups * code_bytes * 8 - 2 * hamming).astype(np.float32)
+    return torch.from_numpy(similarity).reshape(batch, kv_heads, num_keys)
 
 
 def select_blocks(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope):
