@@ -139,6 +139,17 @@ class Bench:
     def randn(self, *shape):
         return torch_randn(self.torch, shape, self.generator, self.dtype, self.device)
 
+    def decode_inputs(self, batch: int, num_keys: int):
+        """Query, key, value of one decode step, the hash weight and the keys' cached codes."""
+        from .. import functional as F
+
+        d = self.head_dim
+        query = self.randn(batch, self.q_heads, 1, d)
+        key = self.randn(batch, self.kv_heads, num_keys, d)
+        value = self.randn(batch, self.kv_heads, num_keys, d)
+        weight = F.hash_weights(self.kv_heads, d, 128, seed=0).to(self.device)
+        return query, key, value, weight, F.encode(key, weight)
+
     # ---------------------------------------------------------------- one shape
     def shape_rows(self, batch: int, num_keys: int, budgets, skip) -> list[dict]:
         torch = self.torch
@@ -147,11 +158,7 @@ class Bench:
         from .. import functional as F
 
         d, hq, hkv = self.head_dim, self.q_heads, self.kv_heads
-        query = self.randn(batch, hq, 1, d)
-        key = self.randn(batch, hkv, num_keys, d)
-        value = self.randn(batch, hkv, num_keys, d)
-        weight = F.hash_weights(hkv, d, 128, seed=0).to(self.device)
-        codes = F.encode(key, weight)
+        query, key, value, weight, codes = self.decode_inputs(batch, num_keys)
         item = key.element_size()
         kv_bytes = batch * hkv * num_keys * 2 * d * item
         io_bytes = 2 * batch * hq * d * item
@@ -306,10 +313,7 @@ class Bench:
         from .. import functional as F
 
         d = self.head_dim
-        key = self.randn(batch, self.kv_heads, num_keys, d)
-        value = self.randn(batch, self.kv_heads, num_keys, d)
-        weight = F.hash_weights(self.kv_heads, d, 128, seed=0).to(self.device)
-        codes = F.encode(key, weight)
+        _, key, value, weight, codes = self.decode_inputs(batch, num_keys)
         mask = torch.ones(batch, 1, 1, num_keys, dtype=torch.bool, device=self.device)
         mask[0, ..., : num_keys // 4] = False
 
@@ -352,12 +356,7 @@ class Bench:
 
         from .. import functional as F
 
-        d = self.head_dim
-        query = self.randn(batch, self.q_heads, 1, d)
-        key = self.randn(batch, self.kv_heads, num_keys, d)
-        value = self.randn(batch, self.kv_heads, num_keys, d)
-        weight = F.hash_weights(self.kv_heads, d, 128, seed=0).to(self.device)
-        codes = F.encode(key, weight)
+        query, key, value, weight, codes = self.decode_inputs(batch, num_keys)
         kwargs = {"budget_tokens": budget} if isinstance(budget, int) else {"top_k_ratio": budget}
         k = F.num_selected_blocks(num_keys, CHUNK, must_select=MUST_SELECT, **kwargs)
 
@@ -388,12 +387,7 @@ class Bench:
         from .. import functional as F
         from ..kernels.triton import block_scores, decode_attention, selection
 
-        d = self.head_dim
-        query = self.randn(batch, self.q_heads, 1, d)
-        key = self.randn(batch, self.kv_heads, num_keys, d)
-        value = self.randn(batch, self.kv_heads, num_keys, d)
-        weight = F.hash_weights(self.kv_heads, d, 128, seed=0).to(self.device)
-        codes = F.encode(key, weight)
+        query, key, value, weight, codes = self.decode_inputs(batch, num_keys)
         results = []
 
         def record(part, setting, fn):
