@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate each way (default 32)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     parser.add_argument("--budget-tokens", type=int, default=2048, help="GSA token budget per selecting layer (default 2048)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a machine other "
+                        "processes keep busy, 1 gives stable timings: small multi-threaded ops wait at thread barriers")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.set_defaults(handler=run)
 
@@ -40,6 +42,12 @@ def run(args) -> int:
     for name in ("prompt_tokens", "new_tokens", "layers", "budget_tokens"):
         if getattr(args, name) < 1:
             raise GSAConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise GSAConfigError(f"--threads must be a positive integer, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = run_demo(args.prompt_tokens, args.new_tokens, args.layers, args.budget_tokens)
     print(result["report"])
     print()
@@ -51,14 +59,15 @@ def run(args) -> int:
 
 
 def demo_model(layers: int, seed: int = 0):
-    """Llama-shaped: 8 query heads, 2 KV heads (GQA 4), head dim 64, random weights."""
+    """Llama-shaped: 8 query heads, 4 KV heads (GQA 2), head dim 128 as in Llama-3 attention,
+    a narrow residual stream (512) so the decode step is dominated by attention, random weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1 << 20,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=128, max_position_embeddings=1 << 20,
         bos_token_id=1, eos_token_id=None, pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
@@ -67,7 +76,7 @@ def demo_model(layers: int, seed: int = 0):
 def run_demo(prompt_tokens: int, new_tokens: int, layers: int, budget_tokens: int, seed: int = 0) -> dict:
     import torch
     from tqdm.auto import tqdm
-    from transformers import DynamicCache
+    from transformers import StaticCache
 
     from ..capture.hf import gsa_disabled, optimize_transformers
     from ..config import GSAConfig
@@ -79,13 +88,13 @@ def run_demo(prompt_tokens: int, new_tokens: int, layers: int, budget_tokens: in
     runtime = model.gsa_runtime
     prompt = torch.randint(3, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
 
-    gsa_cache = DynamicCache(config=model.config)
+    # A static cache writes each new key in place; a dynamic one copies the whole cache every
+    # step (torch.cat), which would cost both modes more than attention itself.
+    gsa_cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + new_tokens)
     with torch.no_grad():
         for start in tqdm(range(0, prompt_tokens, PREFILL_CHUNK), desc="prefill", unit="chunk"):
             logits = _forward(model, prompt[:, start:start + PREFILL_CHUNK], gsa_cache)
-    dense_cache = DynamicCache(config=model.config)
-    for layer, cached in enumerate(gsa_cache.layers):
-        dense_cache.update(cached.keys.clone(), cached.values.clone(), layer)
+    dense_cache = copy.deepcopy(gsa_cache)
 
     with gsa_disabled(model):
         dense_tokens, dense_seconds = _greedy(model, dense_cache, logits, new_tokens, "dense decode")
@@ -110,7 +119,7 @@ def run_demo(prompt_tokens: int, new_tokens: int, layers: int, budget_tokens: in
         "sites": model.gsa_report.counts(),
         "dense_ms_per_token": 1e3 * statistics.median(dense_seconds),
         "gsa_ms_per_token": 1e3 * statistics.median(gsa_seconds),
-        "dense_attention_bytes_per_token": _dense_bytes(model, prompt_tokens, new_tokens) / decode_calls,
+        "dense_attention_bytes_per_token": _dense_bytes(model, prompt_tokens + new_tokens),
         "gsa_attention_bytes_per_token": (stats.code_bytes + stats.sparse_kv_bytes + stats.dense_kv_bytes) / decode_calls,
         "sparse_attention_calls": stats.sparse_calls,
         "tokens_agreeing": agree,
@@ -172,10 +181,9 @@ def _greedy(model, cache, logits, steps: int, label: str, feed=None):
     return tokens, seconds or [float("nan")]
 
 
-def _dense_bytes(model, prompt_tokens: int, new_tokens: int) -> int:
-    """K and V bytes all layers read over the decode steps of dense attention."""
+def _dense_bytes(model, cache_length: int) -> int:
+    """K and V bytes all layers read in one dense decode step over a static cache."""
     config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = model.dtype.itemsize
-    per_key = config.num_key_value_heads * 2 * head_dim * element * config.num_hidden_layers
-    return sum(per_key * (prompt_tokens + step) for step in range(1, new_tokens))
+    return config.num_key_value_heads * 2 * head_dim * element * config.num_hidden_layers * cache_length

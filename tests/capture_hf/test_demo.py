@@ -23,11 +23,10 @@ def test_demo_runs_and_reports_consistent_numbers(tmp_path, capsys):
     assert 1 <= result["next_token_agreeing_on_dense_history"] <= 5
     assert len(result["dense_tokens"]) == len(result["gsa_tokens"]) == 5
     assert result["dense_tokens"][0] == result["gsa_tokens"][0]  # same prefill, same first token
-    # Decode step s has 640 + s keys: 6 blocks of 128, the last partial. Budget 384 = 3 blocks =
-    # the must-select blocks 0, 4 and 5, i.e. 256 + s keys. A key of one KV head is 2 x 64 fp32
-    # (512 B) of K and V, and 8 B of codes. 2 KV heads; layer 0 dense, layers 1 and 2 selecting.
-    steps = range(1, 5)
-    dense = sum(3 * 2 * (640 + s) * 512 for s in steps) / 4
-    gsa = sum(2 * (640 + s) * 512 + 2 * 2 * ((256 + s) * 512 + (640 + s) * 8) for s in steps) / 4
+    # The static cache holds 645 slots: 6 blocks of 128, the last partial. Budget 384 = 3 blocks =
+    # the must-select blocks 0, 4 and 5, i.e. 128 + 128 + 5 slots. A key of one KV head is 2 x 128
+    # fp32 (1024 B) of K and V, and 16 B of codes. 4 KV heads; layer 0 dense, layers 1-2 selecting.
+    dense = 3 * 4 * 645 * 1024
+    gsa = 4 * 645 * 1024 + 2 * 4 * (261 * 1024 + 645 * 16)
     assert result["dense_attention_bytes_per_token"] == dense
     assert result["gsa_attention_bytes_per_token"] == gsa
