@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "gsa_compile.commands.bench",
     "gsa_compile.commands.demo",
     "gsa_compile.commands.export_onnx",
+    "gsa_compile.commands.calibrate",
+    "gsa_compile.commands.eval",
 ]
 
 
