@@ -9,12 +9,14 @@ from .errors import GSABackendUnavailable, GSAConfigError, GSAError, GSAInputErr
 from .kernels import use_backend
 from .api import export, inspect, optimize  # noqa: E402  (the graph route: passes need the ops above)
 from .onnx import export_onnx  # noqa: E402  (gsa-domain ONNX export, docs/onnx.md)
+from .calibrate import calibrate  # noqa: E402  (HATA hash training, docs/accuracy.md)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "calibrate",
     "export",
     "export_onnx",
     "inspect",
