@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     parser.add_argument("--calib-samples", type=int, default=2, help="calibration sequences per task (without --hash-config)")
     parser.add_argument("--calib-len", type=int, default=4096, help="calibration sequence length (without --hash-config)")
     parser.add_argument("--sigma", type=float, default=0.1, help="relaxed-sign sharpness of calibration (HATA: 0.1)")
+    parser.add_argument("--epochs", type=int, default=15, help="calibration epochs (without --hash-config)")
+    parser.add_argument("--iterations", type=int, default=20, help="calibration iterations per epoch (without --hash-config)")
     parser.add_argument("--json", default="accuracy.json", help="where to write the results")
     parser.add_argument("--plot", default=None, help="where to write the PNG plot (default: beside the JSON)")
     parser.add_argument("--device", default="cpu")
@@ -51,11 +53,14 @@ def trained_weights(model, args) -> tuple[dict, dict]:
     else:
         out = tempfile.mkdtemp(prefix="gsa_calibrate_")
         samples = calibration_samples(args.tasks, args.calib_len, args.calib_samples, seed=args.seed + 1)
-        config = calibrate(model, samples, GSAConfig.for_model(model), settings=HataSettings(sigma=args.sigma), out_dir=out).config
+        config = calibrate(
+            model, samples, GSAConfig.for_model(model), epochs=args.epochs, iterations=args.iterations,
+            settings=HataSettings(sigma=args.sigma), out_dir=out,
+        ).config
         source = {
             "calibrated_in_this_run": True, "tasks": args.tasks, "context_len": args.calib_len,
             "samples_per_task": args.calib_samples, "seed": args.seed + 1, "sigma": args.sigma,
-            "epochs": 15, "iterations": 20,
+            "epochs": args.epochs, "iterations": args.iterations,
         }
     module_config = model.config
     kv_heads = int(module_config.num_key_value_heads)

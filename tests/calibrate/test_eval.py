@@ -56,8 +56,8 @@ def test_gsa_selector_with_prefill_codes_matches_a_fresh_encode(decode_case):
 def test_reduced_grid_writes_json_and_plot_and_full_budget_equals_dense(tmp_path, capsys):
     out = tmp_path / "acc.json"
     code = main([
-        "eval", "--lengths", "192", "--tasks", "kv,passkey", "--samples", "2", "--budgets", "0.1,1.0",
-        "--chunk-size", "16", "--calib-len", "128", "--calib-samples", "1", "--json", str(out),
+        "eval", "--lengths", "160", "--tasks", "kv", "--samples", "2", "--budgets", "0.1,1.0",
+        "--chunk-size", "16", "--calib-len", "128", "--calib-samples", "1", "--epochs", "1", "--iterations", "2", "--json", str(out),
     ])
     assert code == 0
     results = json.loads(out.read_text())
