@@ -28,8 +28,9 @@ import torch
 from .. import functional
 from ..kernels.common import num_selected_blocks, split_decode_mask
 from ..kernels.reference import selected_token_mask
-from ..calibrate.probe import attention_probe, dense_attention, forward_tokens
-from ..hashing import hash_weights
+from ..calibrate.probe import attention_layers, attention_probe, dense_attention, forward_tokens
+from ..config import GSAConfig
+from ..hashing import layer_hash_weight
 from ..tables import format_table
 from .selectors import Selector, build_selectors
 from .tasks import TASKS, make_samples
@@ -143,14 +144,12 @@ def evaluate(model, settings: EvalSettings, trained_weights: Optional[dict] = No
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
-    from ..calibrate.probe import attention_layers
-
     layers = attention_layers(model)
-    any_module = next(iter(layers.values()))
     config = model.config
     kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    head_dim = int(getattr(any_module, "head_dim", 0) or config.hidden_size // config.num_attention_heads)
-    random_weights = {layer: hash_weights(kv_heads, head_dim, _bits(head_dim), seed=settings.hash_seed + layer) for layer in layers}
+    # The random weights the product itself would use for these layers (seeded hash_seed + layer).
+    random_config = GSAConfig.for_model(model, hash_seed=settings.hash_seed)
+    random_weights = {layer: layer_hash_weight(random_config, layer, kv_heads, random_config.head_dim) for layer in layers}
     rules = [rule for rule in settings.rules if rule != "gsa_trained" or trained_weights is not None]
     if len(rules) != len(settings.rules):
         logger.warning("no trained hash weights given: rule gsa_trained left out")
@@ -189,10 +188,6 @@ def evaluate(model, settings: EvalSettings, trained_weights: Optional[dict] = No
                         counts[(task, length, rule, budget)] += len(batch)
                     bar.update(1)
     return _results(settings, runs, correct, counts, stats, budgets_used, sorted(layers), time.perf_counter() - started)
-
-
-def _bits(head_dim: int) -> int:
-    return max(8, 8 * -(-head_dim // 8))
 
 
 def _results(settings, runs, correct, counts, stats, budgets_used, layers, seconds) -> dict:
@@ -285,3 +280,15 @@ def plot(results: dict, path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def merge_results(parts: Sequence[dict]) -> dict:
+    """One result from runs over different context lengths with otherwise equal settings."""
+    merged = {**parts[0], "accuracy": [], "attention": [], "seconds": 0.0}
+    merged["settings"] = {**parts[0]["settings"], "context_lens": []}
+    for part in parts:
+        merged["settings"]["context_lens"] += list(part["settings"]["context_lens"])
+        merged["accuracy"] += part["accuracy"]
+        merged["attention"] += part["attention"]
+        merged["seconds"] += part["seconds"]
+    return merged

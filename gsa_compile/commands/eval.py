@@ -3,13 +3,10 @@ rules) on the committed accuracy model; prints a table, writes JSON and a PNG pl
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 
 from .calibrate import calibration_samples, parse_ints
-
-logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
