@@ -40,12 +40,6 @@ def projection_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def expand_heads(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Weight [Hkv, ...] -> [num_heads, ...] with head i using weight i // G."""
-    groups = num_heads // weight.shape[0]
-    return weight if groups == 1 else weight.repeat_interleave(groups, dim=0)
-
-
 def resolve_must_select(must_select: Sequence[int], num_blocks: int) -> list[int]:
     """Block indices of must_select inside [0, num_blocks), negatives from the end, deduplicated."""
     resolved = []

@@ -11,13 +11,12 @@ from typing import Optional
 
 import torch
 
-from ..common import expand_heads
+from ..reference import project
 from .runtime import torch_npu
 
 
 def encode(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    w = expand_heads(weight, x.shape[1]).to(device=x.device, dtype=torch.float32)
-    projected = torch.einsum("bhld,hdr->bhlr", x.to(torch.float32), w)
+    projected = project(x, weight)  # float32: float64 input is declined below
     vectors = projected.shape[:-1].numel()
     packed = torch_npu().npu_sign_bits_pack(projected.reshape(-1), vectors)
     return packed.view(*projected.shape[:-1], projected.shape[-1] // 8)

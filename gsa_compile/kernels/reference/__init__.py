@@ -19,7 +19,8 @@ from ..common import (
 )
 
 
-def encode(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D] @ W of each head's KV head -> [B, H, L, R] in the projection dtype."""
     batch, heads, length, dim = x.shape
     kv_heads = weight.shape[0]
     dtype = projection_dtype(x)
@@ -28,7 +29,11 @@ def encode(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     grouped = x.to(dtype).reshape(batch, kv_heads, (heads // kv_heads) * length, dim)
     weight = weight.to(device=x.device, dtype=dtype)
     projected = torch.stack([grouped[:, head] @ weight[head] for head in range(kv_heads)], dim=1)
-    return pack_bits(projected.reshape(batch, heads, length, -1) >= 0)
+    return projected.reshape(batch, heads, length, -1)
+
+
+def encode(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return pack_bits(project(x, weight) >= 0)
 
 
 def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
