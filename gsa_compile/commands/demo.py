@@ -133,6 +133,8 @@ def run_demo(prompt_tokens: int, new_tokens: int, layers: int, budget_tokens: in
 
 
 def format_results(result: dict) -> str:
+    from ..tables import format_table
+
     dense_bytes, gsa_bytes = result["dense_attention_bytes_per_token"], result["gsa_attention_bytes_per_token"]
     rows = [
         ("", "dense", "GSA", "dense / GSA"),
@@ -140,9 +142,7 @@ def format_results(result: dict) -> str:
          f"{result['dense_ms_per_token'] / result['gsa_ms_per_token']:.2f}x"),
         ("attention MB read / token", f"{dense_bytes / 1e6:.2f}", f"{gsa_bytes / 1e6:.2f}", f"{dense_bytes / gsa_bytes:.2f}x"),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [format_table(rows)]
     first = result["first_disagreement"]
     lines.append(
         f"generated tokens agreeing: {result['tokens_agreeing']}/{result['new_tokens']}"
