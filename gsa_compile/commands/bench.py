@@ -13,10 +13,11 @@ it reaches. Writes bench.json and bench.png (matplotlib) under --out and prints 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
+
+from ..tables import format_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def run(args) -> int:
         report["profile"] = {f"batch {b} {budget}": bench.profile(b, max(_ints(args.keys)), budget)
                              for b in _ints(args.batches) for budget in _budgets(args.budgets)}
     _write(args.out, report)
-    print(format_table(report["rows"]))
+    print(results_table(report["rows"]))
     plot(report["rows"], os.path.join(args.out, "bench.png"))
     return 0
 
@@ -83,8 +84,7 @@ def _budgets(text):
 
 
 def _write(folder, report):
-    with open(os.path.join(folder, "bench.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_json(os.path.join(folder, "bench.json"), report)
 
 
 class Bench:
@@ -441,15 +441,14 @@ def _row_line(row) -> str:
             f"floor {row['floor_fraction'] * 100:5.1f}%")
 
 
-def format_table(rows) -> str:
+def results_table(rows) -> str:
     header = ("version", "batch", "keys", "budget", "median us", "vs dense", "MB moved", "floor us", "% of floor")
     lines = [header]
     for r in rows:
-        lines.append((r["version"], str(r["batch"]), str(r["keys"]), r["budget"], f"{r['ms'] * 1e3:.1f}",
+        lines.append((r["version"], r["batch"], r["keys"], r["budget"], f"{r['ms'] * 1e3:.1f}",
                       f"{r['speedup']:.2f}x", f"{r['bytes'] / 1e6:.1f}", f"{r['floor_ms'] * 1e3:.1f}",
                       f"{r['floor_fraction'] * 100:.0f}%"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+    return format_table(lines)
 
 
 def _prefill_line(p) -> str:

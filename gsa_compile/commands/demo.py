@@ -12,10 +12,11 @@ step when GSA is fed the dense sequence (so one early difference does not decide
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import statistics
 import time
+
+from ..tables import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ def run(args) -> int:
     print()
     print(format_results(result))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({key: value for key, value in result.items() if key != "report"}, handle, indent=2)
+        write_json(args.json, {key: value for key, value in result.items() if key != "report"})
     return 0
 
 
