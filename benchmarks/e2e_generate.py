@@ -12,7 +12,6 @@ e2e.json."""
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import gsa_compile
 from gsa_compile.capture.hf import gsa_disabled
+from gsa_compile.tables import write_json
 
 LLAMA_31_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                    head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072)
@@ -72,8 +72,7 @@ def timed_decode(model, ids, cache, new_tokens: int, device: str) -> float:
 
 
 def write(report: dict, folder: str) -> None:
-    with open(os.path.join(folder, "e2e.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_json(os.path.join(folder, "e2e.json"), report)
 
 
 def crop_to(cache, length: int) -> None:
