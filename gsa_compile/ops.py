@@ -6,8 +6,11 @@ with fixed-size outputs, and runs through the one dispatcher in gsa_compile.kern
 - gsa::encode            keys (or queries) -> packed hash codes
 - gsa::select_blocks     query + cached codes -> top-k block indices per (row, KV head)
 - gsa::sparse_attention  exact attention over the selected blocks
-- gsa::attention         one whole attention site: the dense-fallback rules (DESIGN 2.10),
+- gsa::attention         one whole attention site: the dense-fallback rules (gsa_compile.decode),
                          then selection (or a reused selection) and sparse attention
+
+The ops are inference-only: each has an autograd formula that refuses backward with a clear
+error, so a forward under grad mode works and a backward says why it cannot.
 """
 
 from __future__ import annotations
@@ -18,20 +21,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import decode, kernels
+from .errors import GSAError
 from .kernels import common, reference
 from .kernels import validation as check
 
 logger = logging.getLogger(__name__)
-
-# Reasons gsa::attention runs dense for a call, reported by explain_dense().
-DENSE_REASONS = {
-    "prefill": "more than one query token (prefill or chunked prefill): dense, codes only written",
-    "causal_single_query": "is_causal with one query token attends key 0 only under SDPA's top-left rule",
-    "short": "fewer keys than seq_len_threshold",
-    "concurrency": "fewer than concurrency_threshold rows reach seq_len_threshold",
-}
-
 
 @torch.library.custom_op("gsa::encode", mutates_args=())
 def encode(x: Tensor, weight: Tensor) -> Tensor:
@@ -49,16 +44,29 @@ def _encode_fake(x, weight):
 def select_blocks(
     query: Tensor, key_codes: Tensor, weight: Tensor, valid: Optional[Tensor], key_norms: Optional[Tensor],
     chunk_size: int, num_blocks: int, must_select: Sequence[int], repre: str, scope: str,
+    limit: Optional[Tensor] = None,
 ) -> Tensor:
+    """limit: optional int32 [B], blocks row b takes (<= num_blocks), decided on the device."""
     args = (query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, list(must_select), repre, scope)
     check.check_select(*args)
-    return kernels.dispatch("select_blocks", query.device.type, *args)
+    _check_limit(limit, key_codes.shape[0])
+    return kernels.dispatch("select_blocks", query.device.type, *args, limit=limit)
 
 
 @select_blocks.register_fake
-def _select_blocks_fake(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope):
+def _select_blocks_fake(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope,
+                        limit=None):
     check.check_select(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope)
+    _check_limit(limit, key_codes.shape[0])
     return key_codes.new_empty((key_codes.shape[0], key_codes.shape[1], num_blocks), dtype=torch.int32)
+
+
+def _check_limit(limit: Optional[Tensor], batch: int) -> None:
+    if limit is not None and (limit.dtype != torch.int32 or tuple(limit.shape) != (batch,)):
+        raise check.GSAInputError(
+            f"limit must be an int32 tensor of shape [{batch}] (blocks per batch row), got "
+            f"{limit.dtype} {tuple(limit.shape)}"
+        )
 
 
 @torch.library.custom_op("gsa::sparse_attention", mutates_args=())
@@ -69,7 +77,7 @@ def sparse_attention(
     check.check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size)
     return kernels.dispatch(
         "sparse_attention", query.device.type, query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap
-    )
+    ).contiguous()
 
 
 @sparse_attention.register_fake
@@ -78,36 +86,33 @@ def _sparse_attention_fake(query, key, value, blocks, valid, attn_bias, chunk_si
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-def dense_reason(
-    query: Tensor, num_keys: int, valid: Optional[Tensor], is_causal: bool,
-    seq_len_threshold: int, concurrency_threshold: int,
-) -> Optional[str]:
-    """Why this call runs dense (a DENSE_REASONS key), or None when it runs sparse."""
-    if query.shape[2] > 1:
-        return "prefill"
-    if is_causal and num_keys > 1:
-        return "causal_single_query"
-    if num_keys < seq_len_threshold:
-        return "short"
-    if concurrency_threshold > 0:
-        # Counting long rows from the mask reads the device on the host, which a CUDA graph
-        # capture forbids: while capturing, every row counts as long (the cache has L keys).
-        if valid is None or (valid.is_cuda and torch.cuda.is_current_stream_capturing()):
-            rows = query.shape[0]
-        else:
-            rows = int((valid.sum(-1) >= seq_len_threshold).sum())
-        if rows < concurrency_threshold:
-            return "concurrency"
-    return None
-
-
 def dense_attention(query, key, value, attn_mask, is_causal, scale, softcap) -> Tensor:
+    """Exact attention over the whole cache, contiguous; a masked single-token decode on an
+    accelerator goes through dense_decode_attention."""
+    if query.shape[2] == 1 and attn_mask is not None and query.device.type != "cpu":
+        return dense_decode_attention(query, key, value, attn_mask, scale, softcap)
     if softcap is not None:
-        return reference.dense_attention(query, key, value, attn_mask, is_causal, scale, softcap)
-    return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
+        out = reference.dense_attention(query, key, value, attn_mask, is_causal, scale, softcap)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+    return out.contiguous()
+
+
+def dense_decode_attention(query, key, value, attn_mask, scale, softcap) -> Tensor:
+    """Exact masked decode attention through gsa::sparse_attention over every filled block:
+    the G query heads of a KV head read its K/V once, where SDPA with enable_gqa and a mask
+    falls back to its math kernel and materialises the repeated K/V. Plain torch around the op,
+    so it traces into CUDA graphs."""
+    plan = decode.plan_decode(query, key.shape[2], attn_mask, False, DENSE_DECODE_CHUNK, 0, 0)
+    blocks = decode.every_filled_block(plan, key.shape[0], key.shape[1], query.device)
+    return sparse_attention(query, key, value, blocks, plan.valid, plan.bias, DENSE_DECODE_CHUNK, scale, softcap)
+
+
+# Block size of dense decodes through the sparse kernel (any size is exact; 128 keeps its tiles full).
+DENSE_DECODE_CHUNK = 128
 
 
 @torch.library.custom_op("gsa::attention", mutates_args=())
@@ -122,24 +127,27 @@ def attention(
     selection ascending then -1, or every block (0..n-1) when the call ran dense."""
     _check_site(query, key, value, key_codes, weight, chunk_size, top_k_ratio, budget_tokens)
     batch, kv_heads, num_keys = key.shape[0], key.shape[1], key.shape[2]
-    n_blocks = common.ceil_div(num_keys, chunk_size)
-    valid, bias = (None, None)
-    if query.shape[2] == 1:
-        valid, bias = common.split_decode_mask(attn_mask, batch, query.shape[1], num_keys)
-    reason = dense_reason(query, num_keys, valid, is_causal, seq_len_threshold, concurrency_threshold)
-    if reason is not None:
+    plan = decode.plan_decode(query, num_keys, attn_mask, is_causal, chunk_size, seq_len_threshold, concurrency_threshold)
+    if plan.dense not in (None, "device"):
         out = dense_attention(query, key, value, attn_mask, is_causal, scale, softcap)
-        every_block = torch.arange(n_blocks, dtype=torch.int32, device=query.device)
-        return out, every_block.expand(batch, kv_heads, n_blocks).contiguous()
-    k = common.num_selected_blocks(
-        num_keys, chunk_size, top_k_ratio=top_k_ratio, budget_tokens=budget_tokens, must_select=must_select
-    )
-    if reuse_blocks is None:
-        blocks = select_blocks(query, key_codes, weight, valid, key_norms, chunk_size, k, list(must_select), repre, scope)
-    else:
-        blocks = reuse_blocks[..., :k]
-    out = sparse_attention(query, key, value, blocks, valid, bias, chunk_size, scale, softcap)
-    return out, torch.nn.functional.pad(blocks, (0, n_blocks - blocks.shape[-1]), value=-1)
+        every_block = torch.arange(plan.n_blocks, dtype=torch.int32, device=query.device)
+        return out, every_block.expand(batch, kv_heads, plan.n_blocks).contiguous()
+    blocks = select_or_reuse(plan, query, key_codes, weight, key_norms, reuse_blocks, chunk_size, top_k_ratio,
+                             budget_tokens, must_select, repre, scope)
+    out = sparse_attention(query, key, value, blocks, plan.valid, plan.bias, chunk_size, scale, softcap)
+    return out, torch.nn.functional.pad(blocks, (0, plan.n_blocks - blocks.shape[-1]), value=-1)
+
+
+def select_or_reuse(plan: decode.DecodePlan, query, key_codes, weight, key_norms, reuse_blocks, chunk_size,
+                    top_k_ratio, budget_tokens, must_select, repre, scope) -> Tensor:
+    """The blocks a sparse (or device-decided) call attends: its own selection, or the reused
+    one cut to this call's budget."""
+    num_blocks = plan.num_blocks(top_k_ratio, budget_tokens, must_select)
+    limit = plan.limit(top_k_ratio, budget_tokens, must_select)
+    if reuse_blocks is not None:
+        return decode.truncate(reuse_blocks, num_blocks, limit)
+    return select_blocks(query, key_codes, weight, plan.valid, key_norms, chunk_size, num_blocks,
+                         list(must_select), repre, scope, limit)
 
 
 @attention.register_fake
@@ -162,3 +170,22 @@ def _check_site(query, key, value, key_codes, weight, chunk_size, top_k_ratio, b
             f"gsa::attention needs exactly one of top_k_ratio and budget_tokens, got "
             f"top_k_ratio={top_k_ratio}, budget_tokens={budget_tokens}"
         )
+
+
+def _refuse_backward(op_name: str):
+    def backward(ctx, *grads):
+        raise GSAError(
+            f"{op_name} has no backward: GSA ops are inference-only (decode with a KV cache); run "
+            f"training or fine-tuning on the original model, or wrap inference in torch.no_grad()"
+        )
+
+    return backward
+
+
+def _no_context(ctx, inputs, output):
+    return None
+
+
+for _op, _name in ((select_blocks, "gsa::select_blocks"), (sparse_attention, "gsa::sparse_attention"),
+                   (attention, "gsa::attention")):
+    _op.register_autograd(_refuse_backward(_name), setup_context=_no_context)

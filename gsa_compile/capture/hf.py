@@ -85,7 +85,7 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
             f"{model_name} did not accept attention implementation {implementation!r} (it does not route "
             f"attention through transformers' AttentionInterface)"
         )
-    model._gsa_hook = model.register_forward_pre_hook(_codes_hook(runtime), with_kwargs=True)
+    model._gsa_hook = model.register_forward_pre_hook(_begin_step, with_kwargs=True)
     model.gsa_runtime = runtime
     model.gsa_report = report
     logger.info("GSA on %s:\n%s", model_name, report.table())
@@ -143,16 +143,24 @@ def _build_site(runtime: GSARuntime, module: nn.Module, layer: int, policy: str,
     return GSASite(runtime, layer, policy, site_shape(module), dense_fn, key_builder=key_builder, note=note)
 
 
-def _codes_hook(runtime: GSARuntime):
-    def attach_codes_to_cache(module, args, kwargs):
-        if not runtime.enabled:
-            return None
-        for name in CACHE_ARGUMENTS:
-            if isinstance(kwargs.get(name), Cache):
-                attach_codes(kwargs[name], runtime)
+def _begin_step(model: nn.Module, args, kwargs):
+    """Forward pre-hook of an optimized model: give the call's cache its codes layers and the
+    call its DecodeStep. It reads the runtime from the model it runs on, so a copy of the model
+    (copy.deepcopy) drives its own sites."""
+    runtime = getattr(model, "gsa_runtime", None)
+    if runtime is None or not runtime.enabled:
         return None
+    cache = next((kwargs[name] for name in CACHE_ARGUMENTS if isinstance(kwargs.get(name), Cache)), None)
+    if cache is not None:
+        attach_codes(cache, runtime)
+    if kwargs.get(hf_attention.STEP_KWARG) is None and _passes_kwargs(model):
+        kwargs[hf_attention.STEP_KWARG] = hf_attention.DecodeStep(runtime, cache)
+    return args, kwargs
 
-    return attach_codes_to_cache
+
+def _passes_kwargs(model: nn.Module) -> bool:
+    """Whether model.forward takes **kwargs (which transformers hands down to attention)."""
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
 
 
 def _resolve_config(model: nn.Module, config: Union[GSAConfig, str, None]) -> GSAConfig:

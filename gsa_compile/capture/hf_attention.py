@@ -1,16 +1,21 @@
 """The "gsa" attention function registered with transformers' AttentionInterface.
 
 Every attention module of an optimized model calls `gsa_attention_forward` instead of its
-original function. Per call it decides, in this order (the first that applies wins):
+original function. Each forward pass of the model carries one `DecodeStep` (the model's
+forward pre-hook puts it into the call's keyword arguments, which transformers passes down to
+every attention call): the call's cache, whose layers hold the codes of their keys, the decode
+plan every layer of the step shares (gsa_compile.decode: mask form, dense-or-sparse decision,
+blocks per row) and the selections made in this pass (for layers that reuse them). Nothing of
+a call is kept on the model, so threads and copies of a model never see each other's calls.
 
+Per call, in this order (the first that applies wins):
 - dense layer, prefill (more than one query token), training with dropout, or a feature the
   sparse path does not implement (attention weights asked for, sliding window, sinks, position
   bias, a non-tensor mask): the original function runs unchanged (sdpa or the model's own eager);
-- fewer keys than the device's seq_len_threshold, or fewer long rows than its
-  concurrency_threshold (DESIGN 2.10): the original function too;
-- a selecting layer: torch.ops.gsa.attention over the cache's codes;
-- a reusing layer: torch.ops.gsa.sparse_attention over the selection its source layer made in
-  this same forward pass.
+- the step's plan says dense (thresholds, decided once per step): the original function too,
+  or, when the decision was made on the device, the sparse kernels over every filled block;
+- a selecting layer: gsa::select_blocks over the cache's codes, then gsa::sparse_attention;
+- a reusing layer: gsa::sparse_attention over the selection its source layer made in this step.
 
 Masks come from the original implementation's mask function (registered under the same name),
 so the original dense path receives exactly what it always did.
@@ -25,10 +30,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from .. import functional, ops
+from .. import decode, ops
 from ..errors import GSAConfigError, GSAError
 from ..kernels import common
-from .hf_sites import SITE_ATTRIBUTE, GSASite
+from .hf_sites import SITE_ATTRIBUTE, GSARuntime, GSASite
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +43,53 @@ SUPPORTED_ORIGINALS = ("sdpa", "eager")
 # Keyword arguments that change attention semantics in ways the sparse path does not implement.
 DENSE_ONLY_KWARGS = ("sliding_window", "s_aux", "sinks", "position_bias", "head_mask")
 
+# The keyword argument that carries a forward pass's DecodeStep down to the attention calls.
+STEP_KWARG = "gsa_step"
+
+# Dense reasons under which a decode may take the fast dense path: the attention's semantics
+# are the model's plain ones (other reasons keep the model's own function).
+FAST_DENSE_REASONS = ("dense_layer", "short", "concurrency")
+
 _LOGGED: set = set()
+
+
+class DecodeStep:
+    """One forward pass of an optimized model: its cache, the decode plan its layers share and
+    the selections they make. Pass one as `gsa_step=` to a forward call to read `selections`
+    afterwards; otherwise the model makes a fresh one per call."""
+
+    def __init__(self, runtime: GSARuntime, cache=None):
+        self.runtime = runtime
+        self.cache = getattr(cache, "self_attention_cache", cache)
+        self.selections: dict[int, torch.Tensor] = {}  # layer -> int32 [B, Hkv, width]
+        self._plans: dict = {}
+        self._dense_counts: dict = {}
+
+    def plan(self, query, num_keys: int, attention_mask, options: dict) -> decode.DecodePlan:
+        """The step's decode plan for this cache length (the same for all its full-attention layers)."""
+        key = (num_keys, options["chunk_size"], options["seq_len_threshold"], options["concurrency_threshold"])
+        if key not in self._plans:
+            mask = _decode_mask(attention_mask, query, num_keys)
+            self._plans[key] = decode.plan_decode(query, num_keys, mask, False, *key[1:])
+        return self._plans[key]
+
+    def codes(self, site: GSASite):
+        """(codes, norms) of the site's layer in this call's cache, or (None, None)."""
+        from .hf_cache import CodesMixin
+
+        layers = getattr(self.cache, "layers", ())
+        layer = layers[site.layer] if site.layer < len(layers) else None
+        if not isinstance(layer, CodesMixin) or layer.gsa_site is not site:
+            return None, None
+        return layer.codes, layer.key_norms
+
+    def device_counts(self, plan: decode.DecodePlan) -> torch.Tensor:
+        """int64 [3]: (sparse, dense short, dense concurrency) of a plan decided on the device."""
+        key = id(plan)
+        if key not in self._dense_counts:
+            dense, short = plan.dense_on_device, plan.short_on_device
+            self._dense_counts[key] = torch.stack([~dense, short, dense & ~short]).to(torch.int64)
+        return self._dense_counts[key]
 
 
 def implementation_name(original: str) -> str:
@@ -63,106 +114,124 @@ def gsa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
             f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs the GSA attention "
             f"implementation but has no GSA site; optimize the model with gsa_compile.optimize(model)"
         )
-    if site.policy != "reuse":
-        site.last_blocks = None
-    codes, norms = site.take_codes()
-    mask = _decode_mask(attention_mask, query, key)
-    reason = _dense_reason(site, module, query, key, attention_mask, mask, dropout, kwargs)
-    if reason is None and site.policy == "sparse" and codes is None:
-        reason = "no codes: the cache is not one GSA can extend (see the log) or no cache was passed"
-    reuse_blocks = None
-    if reason is None and site.policy == "reuse":
-        reuse_blocks = _reusable_blocks(site, key)
-        if reuse_blocks is None:
-            reason = f"layer {site.source().layer} whose selection this layer reuses ran dense in this step"
+    step: Optional[DecodeStep] = kwargs.pop(STEP_KWARG, None)
+    reason = _call_dense_reason(site, module, query, attention_mask, dropout, kwargs, step)
+    plan = None
+    if reason is None:
+        options = site.attention_kwargs(query.device.type)
+        plan = step.plan(query, key.shape[2], attention_mask, options)
+        if not plan.host_sparse and plan.dense != "device":
+            reason = plan.dense
+    if reason is None:
+        reason, blocks = _selection(site, step, plan, query, options)
     if reason is not None:
         _count_dense(site, reason, query, key, value)
+        if reason in FAST_DENSE_REASONS and site.runtime.original_implementation == "sdpa":
+            fast = _fast_dense_decode(query, key, value, attention_mask, scaling, kwargs)
+            if fast is not None:
+                return fast, None
         return site.dense_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    options = site.attention_kwargs(query.device.type)
-    softcap = kwargs.get("softcap")
-    if reuse_blocks is None:
-        out, blocks = functional.gsa_attention(
-            query, key, value, site.hash_weight, key_codes=codes, key_norms=norms, attn_mask=mask,
-            scale=scaling, softcap=softcap, return_blocks=True, **options,
-        )
-        site.last_blocks = blocks
-    else:
-        blocks = reuse_blocks[..., : _budget(key.shape[2], options)]
-        valid, bias = common.split_decode_mask(mask, query.shape[0], query.shape[1], key.shape[2])
-        out = ops.sparse_attention(query, key, value, blocks, valid, bias, options["chunk_size"], scaling, softcap)
-    _count_sparse(site, blocks, key, value, codes, options["chunk_size"])
+    step.selections[site.layer] = blocks
+    out = ops.sparse_attention(query, key, value, blocks, plan.valid, plan.bias, options["chunk_size"], scaling,
+                               kwargs.get("softcap"))
+    _count_sparse(site, step, plan, blocks, key, value, options["chunk_size"])
     return out.transpose(1, 2).contiguous(), None
 
 
-def _decode_mask(attention_mask, query, key) -> Optional[torch.Tensor]:
+def _fast_dense_decode(query, key, value, attention_mask, scaling, kwargs) -> Optional[torch.Tensor]:
+    """A masked single-token decode on an accelerator through gsa's dense decode (the sparse
+    kernel over every filled block: GQA without repeating K/V, which transformers' sdpa path
+    does under a mask), or None where the model's own function must run."""
+    if query.shape[2] != 1 or not isinstance(attention_mask, torch.Tensor) or query.device.type == "cpu":
+        return None
+    mask = _decode_mask(attention_mask, query, key.shape[2])
+    out = ops.dense_decode_attention(query, key, value, mask, scaling, kwargs.get("softcap"))
+    return out.transpose(1, 2).contiguous()
+
+
+def _selection(site: GSASite, step: DecodeStep, plan: decode.DecodePlan, query, options: dict):
+    """(dense reason, None) or (None, blocks) for a layer that runs sparse this step."""
+    budget = (options["top_k_ratio"], options["budget_tokens"], options["must_select"])
+    if site.policy == "reuse":
+        source = step.selections.get(site.runtime.config.selection_source(site.layer))
+        if source is None:
+            return "reuse_source_dense", None
+        return None, decode.truncate(source, plan.num_blocks(*budget), plan.limit(*budget))
+    codes, norms = step.codes(site)
+    if codes is None:
+        return "no_codes", None
+    blocks = ops.select_blocks(
+        query, codes, site.hash_weight, plan.valid, norms, options["chunk_size"], plan.num_blocks(*budget),
+        list(options["must_select"]), options["repre"], options["scope"], plan.limit(*budget),
+    )
+    return None, blocks
+
+
+def _decode_mask(attention_mask, query, num_keys: int) -> Optional[torch.Tensor]:
     """The mask row of a single-query call as [B, 1 or Hq, 1, L] (a tensor mask only)."""
     if not isinstance(attention_mask, torch.Tensor) or query.shape[2] != 1:
         return None
-    return common.mask_to_4d(attention_mask)[..., -1:, : key.shape[2]]
+    return common.mask_to_4d(attention_mask)[..., -1:, :num_keys]
 
 
-def _dense_reason(site, module, query, key, attention_mask, mask, dropout, kwargs) -> Optional[str]:
+def _call_dense_reason(site, module, query, attention_mask, dropout, kwargs, step) -> Optional[str]:
+    """Why this call runs dense whatever the cache holds (a decode.DENSE_REASONS key), or None."""
     if site.policy == "dense":
-        return "dense layer"
+        return "dense_layer"
     if query.shape[2] != 1:
         return "prefill"
     if module.training and dropout:
-        return "training with attention dropout"
+        return "dropout"
     if kwargs.get("output_attentions"):
-        return "attention weights requested"
+        return "attention_weights"
     for name in DENSE_ONLY_KWARGS:
         if kwargs.get(name) is not None:
-            return f"{name} is not implemented by the sparse path"
-    if attention_mask is not None and mask is None:
-        return f"mask of type {type(attention_mask).__name__} (the sparse path takes tensor masks)"
-    options = site.attention_kwargs(query.device.type)
-    valid, _ = common.split_decode_mask(mask, query.shape[0], query.shape[1], key.shape[2])
-    threshold_reason = ops.dense_reason(
-        query, key.shape[2], valid, False, options["seq_len_threshold"], options["concurrency_threshold"]
-    )
-    return None if threshold_reason is None else ops.DENSE_REASONS[threshold_reason]
-
-
-def _reusable_blocks(site: GSASite, key: torch.Tensor) -> Optional[torch.Tensor]:
-    blocks = site.source().last_blocks
-    n_blocks = common.ceil_div(key.shape[2], site.runtime.config.chunk_size)
-    if blocks is None or tuple(blocks.shape) != (key.shape[0], key.shape[1], n_blocks):
-        return None
-    return blocks
-
-
-def _budget(num_keys: int, options: dict) -> int:
-    return common.num_selected_blocks(
-        num_keys, options["chunk_size"], top_k_ratio=options["top_k_ratio"],
-        budget_tokens=options["budget_tokens"], must_select=options["must_select"],
-    )
+            _log_once(site, name, "GSA layer %d runs dense: %s is not implemented by the sparse path", site.layer, name)
+            return "unsupported_kwarg"
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        return "mask_type"
+    if step is None:
+        _log_once(site, "no_step", "GSA layer %d runs dense: %s does not pass keyword arguments down to its "
+                  "attention, so the call's GSA state never reaches it", site.layer, type(module).__name__)
+        return "no_step"
+    return None
 
 
 def _count_dense(site: GSASite, reason: str, query, key, value) -> None:
-    stats = site.stats
-    stats.dense_calls += 1
-    stats.dense_reasons[reason] += 1
+    site.count(reason)
     if site.runtime.collect_stats and query.shape[2] == 1:
-        stats.dense_kv_bytes += _kv_bytes(key, value, key.shape[2])
-    if reason not in ("dense layer", "prefill") and (site.layer, reason) not in _LOGGED:
-        _LOGGED.add((site.layer, reason))
-        logger.info("GSA layer %d runs dense: %s", site.layer, reason)
+        site.count("dense_kv_bytes", _kv_bytes(key, value, key.shape[2]))
+    if reason not in ("dense_layer", "prefill"):
+        _log_once(site, reason, "GSA layer %d runs dense: %s", site.layer, decode.DENSE_REASONS[reason])
 
 
-def _count_sparse(site: GSASite, blocks, key, value, codes, chunk_size: int) -> None:
-    stats = site.stats
-    stats.sparse_calls += 1
+def _count_sparse(site: GSASite, step: DecodeStep, plan: decode.DecodePlan, blocks, key, value, chunk_size: int) -> None:
+    if plan.dense == "device":
+        # Counters 1 (sparse calls) and the two threshold reasons, with the dense calls they make.
+        counts = step.device_counts(plan)
+        site.count("sparse_calls", counts[0])
+        site.count("short", counts[1])
+        site.count("concurrency", counts[2])
+    else:
+        site.count("sparse_calls")
     if not site.runtime.collect_stats:
         return
     num_keys = key.shape[2]
     starts = blocks.clamp(min=0).to(torch.int64) * chunk_size
     tokens = ((num_keys - starts).clamp(max=chunk_size) * (blocks >= 0)).sum()
-    stats.sparse_kv_bytes += int(tokens) * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+    site.count("sparse_kv_bytes", tokens * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size()))
+    codes, _ = step.codes(site.source())
     if codes is not None:
-        stats.code_bytes += codes.numel() * codes.element_size()
+        site.count("code_bytes", codes.numel() * codes.element_size())
 
 
 def _kv_bytes(key, value, num_keys: int) -> int:
     rows = key.shape[0] * key.shape[1]
     return rows * num_keys * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+
+
+def _log_once(site: GSASite, what: str, message: str, *args) -> None:
+    if (site.layer, what) not in _LOGGED:
+        _LOGGED.add((site.layer, what))
+        logger.info(message, *args)

@@ -64,8 +64,7 @@ class CodesMixin(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        codes, norms = self._store_codes(*self.gsa_site.encode(key_states, value_states), *args, **kwargs)
-        self.gsa_site.hand_over(codes, norms)
+        self._store_codes(*self.gsa_site.encode(key_states, value_states), *args, **kwargs)
         return keys, values
 
     def _store_codes(self, codes, norms, *args, **kwargs):

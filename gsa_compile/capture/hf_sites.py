@@ -3,8 +3,7 @@
 A site holds what its attention calls need and nothing the model computes: the layer's policy
 (after the model's own constraints, e.g. sliding-window layers stay dense), its hash weight
 (a float32 buffer, so `model.to(...)` moves it without rounding it), the original attention
-function for the dense path, the codes the cache handed over for this call, the selection it
-produced (for layers that reuse it) and counters.
+function for the dense path and counters. Nothing of a single call lives on it.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import GSAConfig
+from ..decode import DENSE_REASONS
 from ..errors import GSAConfigError, GSAError
 from ..hashing import layer_hash_weight
 
@@ -27,19 +27,31 @@ logger = logging.getLogger(__name__)
 SITE_ATTRIBUTE = "gsa_site"
 
 
+# What a site counts, in the order of its counters.
+COUNTED = ("encoded_tokens", "sparse_calls", "dense_calls", "dense_kv_bytes", "sparse_kv_bytes", "code_bytes")
+REASON_SLOTS = {reason: len(COUNTED) + i for i, reason in enumerate(DENSE_REASONS)}
+
+
 @dataclasses.dataclass
 class SiteStats:
     """What a site did since the last reset. Token counts are positions (batch rows and heads
-    not multiplied in) except `*_bytes`, which count every row and head."""
+    not multiplied in) except `*_bytes`, which count every row and head. dense_reasons maps a
+    gsa_compile.decode.DENSE_REASONS key to its count."""
 
     encoded_tokens: int = 0
     sparse_calls: int = 0
     dense_calls: int = 0
-    dense_reasons: Counter = dataclasses.field(default_factory=Counter)
-    # Filled only while the runtime collects stats (they cost a device sync per call).
+    # Filled only while the runtime collects stats.
     dense_kv_bytes: int = 0  # K and V bytes a dense decode call reads
     sparse_kv_bytes: int = 0  # K and V bytes of the selected blocks a sparse call reads
     code_bytes: int = 0  # codes a selecting call reads
+    dense_reasons: Counter = dataclasses.field(default_factory=Counter)
+
+    @classmethod
+    def from_counts(cls, counts: list) -> "SiteStats":
+        stats = cls(**dict(zip(COUNTED, counts)))
+        stats.dense_reasons = Counter({reason: counts[slot] for reason, slot in REASON_SLOTS.items() if counts[slot]})
+        return stats
 
 
 @dataclasses.dataclass
@@ -52,7 +64,8 @@ class SiteShape:
 
 
 class GSARuntime:
-    """State shared by the sites of one optimized model (a plain object, not a module)."""
+    """What the sites of one optimized model share (a plain object, not a module): the config,
+    read at every call (a changed config applies to the next call), and the sites."""
 
     def __init__(self, config: GSAConfig, original_implementation: str, implementation: str):
         self.config = config
@@ -68,14 +81,13 @@ class GSARuntime:
 
     def reset_stats(self) -> None:
         for site in self.sites.values():
-            site.stats = SiteStats()
+            site.reset_stats()
 
     def total_stats(self) -> SiteStats:
-        total = SiteStats()
+        total = [0] * (len(COUNTED) + len(REASON_SLOTS))
         for site in self.sites.values():
-            for field in dataclasses.fields(SiteStats):
-                setattr(total, field.name, getattr(total, field.name) + getattr(site.stats, field.name))
-        return total
+            total = [a + b for a, b in zip(total, site.counts())]
+        return SiteStats.from_counts(total)
 
 
 class _SiteRef:
@@ -86,10 +98,20 @@ class _SiteRef:
         self.site = site
 
     def __deepcopy__(self, memo):
-        return self
+        # A copy of the whole model copies its sites: the copied cache points at those.
+        copied = memo.get(id(self.site))
+        return self if copied is None else _SiteRef(copied)
 
 
 class GSASite(nn.Module):
+    """One attention module's GSA site. It holds no per-call state: the codes of a call come
+    from the call's cache and a reused selection from the call's DecodeStep (hf_attention), so
+    threads and copies of the model never see each other's calls.
+
+    Counters: eager calls decided on the host count in Python; compiled calls and calls decided
+    on the device count in an int64 buffer on the device (so CUDA-graph replays count too, and no
+    counter is a value dynamo would guard on). `stats` adds both up (reading the device)."""
+
     def __init__(
         self,
         runtime: GSARuntime,
@@ -109,25 +131,52 @@ class GSASite(nn.Module):
         # MLA caches latents: the keys attention sees are built from them (module.expand_kv).
         self.key_builder = key_builder
         self.note = note
-        self.stats = SiteStats()
         self.ref = _SiteRef(self)
-        self._codes: Optional[tuple] = None
-        self.last_blocks: Optional[torch.Tensor] = None
-        self._kwargs_by_device: dict[str, dict] = {}
+        self._host_counts = [0] * (len(COUNTED) + len(REASON_SLOTS))
+        self.register_buffer("counters", torch.zeros(len(self._host_counts), dtype=torch.int64), persistent=False)
         weight = None
         if policy == "sparse":
             weight = layer_hash_weight(runtime.config, layer, shape.kv_heads, shape.key_dim).to(torch.float32)
         self.register_buffer("hash_weight", weight, persistent=False)
+        _mark_static(self.counters)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, policy={self.policy!r}"
 
     def _apply(self, fn, recurse=True):
         # Hash weights stay float32 whatever dtype the model is cast to: codes must not depend
-        # on the model's dtype. Only the device follows.
+        # on the model's dtype. Only the device follows (the counters stay int64).
+        device = fn(self.counters.to(torch.float32)).device
         if self.hash_weight is not None:
-            self.hash_weight = self.hash_weight.to(fn(self.hash_weight).device)
+            self.hash_weight = self.hash_weight.to(device)
+        if self.counters.device != device:
+            self.counters = self.counters.to(device)
+            _mark_static(self.counters)
         return self
+
+    # ------------------------------------------------------------------ counting
+    def count(self, name: str, amount=1) -> None:
+        """Add `amount` (an int, or a tensor computed on the device) to a counter: a COUNTED
+        name or a DENSE_REASONS key (which also counts a dense call)."""
+        slot = REASON_SLOTS.get(name, None)
+        slots = [COUNTED.index("dense_calls"), slot] if slot is not None else [COUNTED.index(name)]
+        if isinstance(amount, torch.Tensor) or torch.compiler.is_compiling():
+            for index in slots:
+                self.counters[index] += amount
+        else:
+            for index in slots:
+                self._host_counts[index] += amount
+
+    def counts(self) -> list:
+        return [host + device for host, device in zip(self._host_counts, self.counters.tolist())]
+
+    @property
+    def stats(self) -> SiteStats:
+        return SiteStats.from_counts(self.counts())
+
+    def reset_stats(self) -> None:
+        self._host_counts = [0] * len(self._host_counts)
+        self.counters.zero_()
 
     # ------------------------------------------------------------------ codes
     def encode(self, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -141,29 +190,23 @@ class GSASite(nn.Module):
                 f"layer {self.layer}: keys entering the cache are {tuple(keys.shape)} but the GSA site was "
                 f"sized for {self.shape.kv_heads} KV heads of {self.shape.key_dim} dims"
             )
-        self.stats.encoded_tokens += keys.shape[2]
+        self.count("encoded_tokens", keys.shape[2])
         norms = functional.key_norms(keys) if self.runtime.config.key_norm_weighting else None
         return functional.encode(keys, self.hash_weight), norms
 
-    def hand_over(self, codes: torch.Tensor, norms: Optional[torch.Tensor]) -> None:
-        """The cache layer gives this call's full codes to the attention call that follows."""
-        self._codes = (codes, norms)
-
-    def take_codes(self) -> tuple:
-        """(codes, norms) handed over for this call, or (None, None); the site keeps no
-        reference to the cache afterwards."""
-        handed, self._codes = self._codes or (None, None), None
-        return handed
-
     # ------------------------------------------------------------------ policy
     def attention_kwargs(self, device_type: str) -> dict:
-        if device_type not in self._kwargs_by_device:
-            self._kwargs_by_device[device_type] = self.runtime.config.attention_kwargs(self.layer, device_type)
-        return self._kwargs_by_device[device_type]
+        return self.runtime.config.attention_kwargs(self.layer, device_type)
 
     def source(self) -> "GSASite":
         """The site whose selection this one uses."""
         return self.runtime.sites[self.runtime.config.selection_source(self.layer)]
+
+
+def _mark_static(t: torch.Tensor) -> None:
+    # CUDA graphs replay counters in place: their address must not change between steps.
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(t)
 
 
 # ---------------------------------------------------------------------- discovery

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from gsa_compile.capture.hf import cache_argument, optimize_transformers
+from gsa_compile.capture.hf_attention import DecodeStep
 from gsa_compile.capture.hf_cache import CodesDynamicLayer, CodesStaticLayer
 
 from .helpers import CHUNK, assert_codes_match_keys, decode_logits, generated_cache, gsa_config
@@ -69,9 +70,14 @@ def test_left_padding_matches_original_and_never_selects_padding():
     assert torch.equal(full.generate(prompts, **kwargs), original.generate(prompts, **kwargs))
 
     small = optimize_transformers(full, gsa_config(original, budget_tokens=3 * CHUNK))
-    small.generate(prompts, **kwargs)
-    blocks = small.gsa_runtime.sites[1].last_blocks
-    assert blocks.shape[-1] > 3
+    _, cache = decode_logits(small, prompts, NEW_TOKENS, attention_mask=mask)
+    # One more decode step with a DecodeStep of our own, to read the selection it made.
+    step = DecodeStep(small.gsa_runtime, cache)
+    longer = torch.cat([mask, torch.ones(2, NEW_TOKENS + 1, dtype=mask.dtype)], dim=-1)
+    with torch.no_grad():
+        small(prompts[:, -1:], attention_mask=longer, use_cache=True, gsa_step=step, **{cache_argument(small): cache})
+    blocks = step.selections[1]
+    assert cache.get_seq_length() > 2 * 3 * CHUNK  # the cache holds more blocks than the 3 selected
     # Row 0's blocks 0-2 are all padding: never selected, not even must-select block 0.
     assert not torch.isin(blocks[0], torch.tensor([0, 1, 2])).any()
     assert (blocks >= 0).sum(-1).eq(3).all()

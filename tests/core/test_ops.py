@@ -67,18 +67,6 @@ def test_export_keeps_gsa_nodes():
     torch.testing.assert_close(program.module()(query, key, value, codes), Site(weight)(query, key, value, codes))
 
 
-def test_dense_fallback_rules():
-    query, key, value, weight = site_inputs(keys=70)
-    valid = torch.ones(2, 70, dtype=torch.bool)
-    valid[1, :40] = False  # row 1 holds 30 keys
-    assert ops.dense_reason(query.expand(-1, -1, 3, -1), 70, None, False, 0, 0) == "prefill"
-    assert ops.dense_reason(query, 70, None, True, 0, 0) == "causal_single_query"
-    assert ops.dense_reason(query, 70, None, False, 71, 0) == "short"
-    assert ops.dense_reason(query, 70, valid, False, 50, 2) == "concurrency"
-    assert ops.dense_reason(query, 70, valid, False, 50, 1) is None
-    assert ops.dense_reason(query, 70, None, False, 50, 2) is None
-
-
 @pytest.mark.parametrize("overrides", [dict(seq_len_threshold=1000), dict(concurrency_threshold=3)])
 def test_fallback_runs_dense_and_reports_every_block(overrides):
     query, key, value, weight = site_inputs()

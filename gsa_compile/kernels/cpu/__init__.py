@@ -42,7 +42,7 @@ def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch
     return torch.from_numpy(similarity).reshape(batch, kv_heads, num_keys)
 
 
-def select_blocks(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope):
+def select_blocks(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit=None):
     similarity = token_similarity(query, key_codes, weight)
     return select_from_similarity(similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope)
 

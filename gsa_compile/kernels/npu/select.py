@@ -44,14 +44,14 @@ def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch
 
 
 def select_blocks(
-    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope
+    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit=None
 ) -> torch.Tensor:
     similarity = token_similarity(query, key_codes, weight)
     return select_from_similarity(similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope)
 
 
 def supports_select_blocks(
-    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope
+    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit=None
 ) -> Optional[str]:
     if query.dtype == torch.float64:
         return "query is float64; the NPU kernels hash in float32, so float64 keeps the reference's float64 projection"

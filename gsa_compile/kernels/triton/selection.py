@@ -97,7 +97,7 @@ def top_blocks(scores: torch.Tensor, num_blocks: int, integer_span: int = 0) -> 
 
 
 def select_blocks(
-    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope
+    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit=None
 ) -> torch.Tensor:
     query_codes = encode(query, weight)
     scores = block_scores(query_codes, key_codes, valid, key_norms, chunk_size, must_select, repre)
@@ -112,7 +112,7 @@ def select_blocks(
 
 
 def select_blocks_supports(
-    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select: Sequence[int], repre, scope
+    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select: Sequence[int], repre, scope, limit=None
 ) -> Optional[str]:
     n_blocks = ceil_div(key_codes.shape[2], chunk_size)
     return runtime.first_reason(
