@@ -64,6 +64,7 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
     original = model.config._attn_implementation
     implementation = hf_attention.implementation_name(original)
     runtime = GSARuntime(config, original, implementation)
+    runtime.forward_takes_kwargs = _takes_kwargs(model)
     policies = effective_policies(config, {layer: module for layer, (_, module) in by_layer.items()})
     report = Report(route=ROUTE)
     for layer, (path, module) in sorted(by_layer.items()):
@@ -150,15 +151,19 @@ def _begin_step(model: nn.Module, args, kwargs):
     runtime = getattr(model, "gsa_runtime", None)
     if runtime is None or not runtime.enabled:
         return None
-    cache = next((kwargs[name] for name in CACHE_ARGUMENTS if isinstance(kwargs.get(name), Cache)), None)
+    # Plain loops: this runs inside compiled decode steps, where dynamo traces no generators.
+    cache = None
+    for name in CACHE_ARGUMENTS:
+        if isinstance(kwargs.get(name), Cache):
+            cache = kwargs[name]
     if cache is not None:
         attach_codes(cache, runtime)
-    if kwargs.get(hf_attention.STEP_KWARG) is None and _passes_kwargs(model):
+    if kwargs.get(hf_attention.STEP_KWARG) is None and runtime.forward_takes_kwargs:
         kwargs[hf_attention.STEP_KWARG] = hf_attention.DecodeStep(runtime, cache)
     return args, kwargs
 
 
-def _passes_kwargs(model: nn.Module) -> bool:
+def _takes_kwargs(model: nn.Module) -> bool:
     """Whether model.forward takes **kwargs (which transformers hands down to attention)."""
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
 

@@ -63,7 +63,6 @@ class DecodeStep:
         self.cache = getattr(cache, "self_attention_cache", cache)
         self.selections: dict[int, torch.Tensor] = {}  # layer -> int32 [B, Hkv, width]
         self._plans: dict = {}
-        self._dense_counts: dict = {}
 
     def plan(self, query, num_keys: int, attention_mask, options: dict) -> decode.DecodePlan:
         """The step's decode plan for this cache length (the same for all its full-attention layers)."""
@@ -83,13 +82,6 @@ class DecodeStep:
             return None, None
         return layer.codes, layer.key_norms
 
-    def device_counts(self, plan: decode.DecodePlan) -> torch.Tensor:
-        """int64 [3]: (sparse, dense short, dense concurrency) of a plan decided on the device."""
-        key = id(plan)
-        if key not in self._dense_counts:
-            dense, short = plan.dense_on_device, plan.short_on_device
-            self._dense_counts[key] = torch.stack([~dense, short, dense & ~short]).to(torch.int64)
-        return self._dense_counts[key]
 
 
 def implementation_name(original: str) -> str:
@@ -209,7 +201,7 @@ def _count_dense(site: GSASite, reason: str, query, key, value) -> None:
 def _count_sparse(site: GSASite, step: DecodeStep, plan: decode.DecodePlan, blocks, key, value, chunk_size: int) -> None:
     if plan.dense == "device":
         # Counters 1 (sparse calls) and the two threshold reasons, with the dense calls they make.
-        counts = step.device_counts(plan)
+        counts = plan.device_counts()
         site.count("sparse_calls", counts[0])
         site.count("short", counts[1])
         site.count("concurrency", counts[2])

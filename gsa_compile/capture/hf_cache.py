@@ -123,7 +123,7 @@ def attach_codes(cache: Cache, runtime: GSARuntime) -> None:
     replicate = getattr(cache, "layer_class_to_replicate", None)
     if replicate is not None and sites:
         # A cache that creates layers lazily on update: create them now so they can hold codes.
-        while len(layers) <= max(site.layer for site in sites):
+        while len(layers) <= sites[-1].layer:
             layers.append(replicate())
     for site in sites:
         if site.layer >= len(layers):

@@ -74,6 +74,8 @@ class GSARuntime:
         self.sites: dict[int, GSASite] = {}
         self.enabled = True
         self.collect_stats = False
+        # Whether the model's forward passes keyword arguments down (set by optimize_transformers).
+        self.forward_takes_kwargs = True
 
     def computing_sites(self) -> list["GSASite"]:
         """Sites that select their own blocks, hence keep codes in the cache."""
