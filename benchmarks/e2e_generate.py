@@ -1,40 +1,61 @@
-"""End-to-end decode speed through gsa_compile.optimize and model.generate(): a
-Llama-3.1-8B-shaped transformers model (random weights, bf16), GSA vs dense SDPA.
+"""End-to-end decode speed through `model.generate()`: a Llama-3.1-8B-shaped transformers model
+(random weights, bf16), GSA against every dense path on the same machine, in one process.
 
-    python benchmarks/e2e_generate.py --out e2e_out                 # H200: 32 layers, batch 8, 32K and 64K
-    python benchmarks/e2e_generate.py --tiny --out /tmp/e2e          # CPU smoke run of the same path
+    python benchmarks/e2e_generate.py --out e2e_out                  # H200: 32 layers, the default shapes
+    python benchmarks/e2e_generate.py --tiny --out /tmp/e2e           # CPU smoke run of the same paths
 
-The prompt is prefilled in chunks into one cache (dense attention, codes written once per key),
-then generate() decodes --new-tokens tokens from it with GSA; the cache is cropped back and the
-same decode runs dense (gsa_disabled: the model's original SDPA attention). Default policy: the
-first 2 and last 3 layers dense, a 2048-token budget in the others. Prints tokens/s and writes
-e2e.json."""
+Paths (rows), each timed as generate() of --new-tokens tokens after a filled cache:
+- static cache + transformers' auto-compile (torch.compile mode "reduce-overhead": CUDA graphs):
+  gsa (gsa_compile.optimize), dense_hf (the model's own sdpa attention: with the static cache's
+  mask transformers repeats K/V), dense_flex (FlexAttention decode over un-repeated K/V, the
+  tail masked by a score_mod), dense_sdpa_nomask (SDPA with enable_gqa and no mask: its flash
+  path, which reads exactly the dense bytes but also attends the few unused tail slots, so it is
+  a speed bound, not an exact baseline), dense_gsa_kernel (gsa's own dense decode: the sparse
+  kernel over every filled block);
+- eager generate() over a dynamic cache (--dynamic-shapes): gsa_eager and dense_eager.
+The strongest dense is the fastest exact dense row of the static paths.
+
+The cache is filled with random keys and values for the prompt (the weights are random too)
+instead of a prefill: what is measured is the decode, and every path reads the same cache. Each
+path is warmed up (compiled), then timed twice in ABBA order; the best time counts. "agree" is
+the share of rows whose generated tokens equal dense_hf's; with --agreement, a run at a budget
+covering every block checks that GSA then reproduces dense (the 2048-token rows differ on random
+caches, whose attention is diffuse). Bytes floor per step: weights + the K/V every layer must
+read (the selected blocks and the codes in sparse layers), at the copy bandwidth measured here.
+Prints a table, writes e2e.json, and a plot with --plot."""
+
+from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers.generation.configuration_utils import CompileConfig
 
 import gsa_compile
 from gsa_compile.capture.hf import gsa_disabled
-from gsa_compile.tables import write_json
+from gsa_compile.capture.hf_cache import CodesMixin, attach_codes
+from gsa_compile.tables import format_table, write_json
 
 LLAMA_31_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                   head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072)
+                   head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=262144)
 TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
-            head_dim=16, vocab_size=1000, max_position_embeddings=4096)
+            head_dim=16, vocab_size=1000, max_position_embeddings=8192)
+STATIC_PATHS = ("gsa", "dense_hf", "dense_flex", "dense_sdpa_nomask", "dense_gsa_kernel")
+EAGER_PATHS = ("gsa_eager", "dense_eager")
+EXACT_DENSE = ("dense_hf", "dense_flex", "dense_gsa_kernel")
 
 
 def build_model(layers: int, tiny: bool, device: str) -> LlamaForCausalLM:
     config = LlamaConfig(num_hidden_layers=layers, eos_token_id=None, attn_implementation="sdpa",
                          **(TINY if tiny else LLAMA_31_8B))
-    dtype = torch.float32 if tiny else torch.bfloat16
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise straight in the serving dtype (8B fp32 would not fit twice)
+    torch.set_default_dtype(torch.float32 if tiny else torch.bfloat16)  # 8B in fp32 would not fit twice
     try:
         with torch.device(device):
             model = LlamaForCausalLM(config)
@@ -48,128 +69,296 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def prefill(model, ids: torch.Tensor, chunk: int) -> DynamicCache:
-    """All prompt tokens but the last into a fresh cache, `chunk` tokens per forward."""
-    cache = DynamicCache()
-    for start in range(0, ids.shape[1] - 1, chunk):
-        model(ids[:, start:min(start + chunk, ids.shape[1] - 1)], past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
-    return cache
+# ---------------------------------------------------------------------- dense attention paths
+def _decode_mask(attention_mask, key):
+    if not isinstance(attention_mask, torch.Tensor):
+        return None
+    return attention_mask[..., -1:, : key.shape[2]]
 
 
+def flex_dense_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """FlexAttention over un-repeated K/V (enable_gqa); the mask's invalid keys by a score_mod."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if query.shape[2] != 1:
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    valid = _decode_mask(attention_mask, key)
+    valid = None if valid is None else valid.reshape(valid.shape[0], -1)
+    if valid is not None and valid.dtype != torch.bool:
+        valid = valid > torch.finfo(valid.dtype).min / 2
+
+    def masked(score, b, h, q_idx, kv_idx):
+        return torch.where(valid[b, kv_idx], score, float("-inf"))
+
+    out = flex_attention(query, key, value, score_mod=None if valid is None else masked, scale=scaling,
+                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def sdpa_nomask_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA with enable_gqa and no mask in decode: its flash path (a speed bound: see the docstring)."""
+    if query.shape[2] != 1:
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling,
+                                                           enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def gsa_kernel_dense_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """gsa's dense decode: the sparse kernel over every filled block (gsa_compile.ops.dense_decode_attention)."""
+    if query.shape[2] != 1 or not isinstance(attention_mask, torch.Tensor):
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    out = gsa_compile.ops.dense_decode_attention(query, key, value, _decode_mask(attention_mask, key), scaling, None)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)
+
+
+DENSE_FUNCTIONS = {"dense_flex": flex_dense_attention, "dense_sdpa_nomask": sdpa_nomask_attention,
+                   "dense_gsa_kernel": gsa_kernel_dense_attention}
+
+
+@contextlib.contextmanager
+def attention_path(model, path: str):
+    """Run `model` (optimized) on one path: GSA, or a dense attention implementation."""
+    if path in ("gsa", "gsa_eager"):
+        yield
+        return
+    with gsa_disabled(model):
+        if path in DENSE_FUNCTIONS:
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+            AttentionInterface.register(path, DENSE_FUNCTIONS[path])
+            AttentionMaskInterface.register(path, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+            model.set_attn_implementation(path)
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(model.gsa_runtime.original_implementation)
+
+
+# ---------------------------------------------------------------------- caches
 @torch.no_grad()
-def timed_decode(model, ids, cache, new_tokens: int, device: str) -> float:
-    """Seconds generate() takes to decode new_tokens tokens after the prefilled cache."""
+def fill(model, cache, batch: int, length: int, device: str, generator: torch.Generator) -> None:
+    """Random keys and values for `length` positions of every layer (codes written on the way)."""
+    attach_codes(cache, model.gsa_runtime)
+    config = model.config
+    shape = (batch, config.num_key_value_heads, length, config.head_dim)
+    for layer in range(config.num_hidden_layers):
+        keys = torch.randn(shape, device=device, dtype=model.dtype, generator=generator)
+        cache.update(keys, torch.randn(shape, device=device, dtype=model.dtype, generator=generator), layer)
+
+
+def rewind(cache, length: int) -> None:
+    """Back to `length` cached positions (keys, values and codes) after a timed run."""
+    for layer in cache.layers:
+        for store in (layer, getattr(layer, "_gsa_codes", None)):
+            if store is None:
+                continue
+            if hasattr(store, "cumulative_length") and isinstance(store.cumulative_length, torch.Tensor):
+                store.cumulative_length.fill_(length)  # static layers
+            elif getattr(store, "keys", None) is not None and store.keys.dim() == 4:
+                store.keys, store.values = store.keys[:, :, :length], store.values[:, :, :length]
+
+
+# ---------------------------------------------------------------------- timing
+def generate_seconds(model, ids, mask, cache, new_tokens: int, compiled: bool, device: str):
+    options = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if compiled:
+        compile_config = CompileConfig(fullgraph=False)
+        compile_config._compile_all_devices = device == "cpu"
+        options["compile_config"] = compile_config
+    else:
+        options["disable_compile"] = True
     sync(device)
     started = time.perf_counter()
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False)
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, **options)
     sync(device)
-    elapsed = time.perf_counter() - started
-    assert out.shape[1] == ids.shape[1] + new_tokens
-    return elapsed
-
-
-def write(report: dict, folder: str) -> None:
-    write_json(os.path.join(folder, "e2e.json"), report)
-
-
-def crop_to(cache, length: int) -> None:
-    # A negative crop removes that many tokens in every transformers version this runs on.
-    extra = cache.get_seq_length() - length
-    if extra:
-        cache.crop(-extra)
+    return time.perf_counter() - started, out[:, ids.shape[1]:]
 
 
 def sparse_calls(model) -> int:
-    return sum(site.stats.sparse_calls for site in model.gsa_runtime.sites.values())
+    return model.gsa_runtime.total_stats().sparse_calls
 
 
-def measure(model, batch: int, prompt: int, args, device: str) -> dict:
-    generator = torch.Generator(device=device).manual_seed(prompt)
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device, generator=generator)
-    started = time.perf_counter()
-    cache = prefill(model, ids, args.chunk)
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a device-to-device copy (read + write), measured now."""
+    if device != "cuda":
+        return float("nan")
+    source = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
     sync(device)
-    prefill_s = time.perf_counter() - started
-    cached = cache.get_seq_length()
-
-    def timed(mode: str) -> float:
-        with gsa_disabled(model) if mode == "dense" else contextlib.nullcontext():
-            timed_decode(model, ids, cache, 2, device)  # warm-up: kernels compile, allocator settles
-            crop_to(cache, cached)
-            seconds = timed_decode(model, ids, cache, args.new_tokens, device)
-            crop_to(cache, cached)
-            return seconds
-
-    # ABBA order, best of two per mode: whichever mode runs first at a cache length pays for
-    # per-length work (cuDNN attention plans, allocator growth) that the other then reuses.
-    calls_before = sparse_calls(model)
-    gsa_first = timed("gsa")
-    gsa_sparse_calls = sparse_calls(model) - calls_before
-    dense_s = min(timed("dense"), timed("dense"))
-    gsa_s = min(gsa_first, timed("gsa"))
-    del cache
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    row = {"batch": batch, "prompt": prompt, "new_tokens": args.new_tokens, "prefill_s": prefill_s,
-           "gsa_tokens_per_s": batch * args.new_tokens / gsa_s, "dense_tokens_per_s": batch * args.new_tokens / dense_s,
-           "gsa_sparse_attention_calls": gsa_sparse_calls}
-    row["speedup"] = row["gsa_tokens_per_s"] / row["dense_tokens_per_s"]
-    print(f"batch {batch} prompt {prompt}: GSA {row['gsa_tokens_per_s']:.1f} tok/s, dense "
-          f"{row['dense_tokens_per_s']:.1f} tok/s, x{row['speedup']:.2f} ({gsa_sparse_calls} sparse layer calls; "
-          f"prefill {prefill_s:.1f} s)", flush=True)
-    return row
+    started = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    sync(device)
+    return 2 * 10 * source.numel() / (time.perf_counter() - started)
 
 
-@torch.no_grad()
-def profile_decode(model, batch: int, prompt: int, args, device: str) -> dict:
-    """Host (CPU) and device time per decode step, GSA and dense, with the ops that cost most host time."""
-    from torch.profiler import ProfilerActivity, profile
+def floor_bytes(model, batch: int, length: int, path: str) -> float:
+    """Bytes one decode step must read: weights, then each layer's K/V (selected blocks and codes
+    in GSA's sparse layers)."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = 2 * config.num_key_value_heads * config.head_dim * model.dtype.itemsize * batch
+    total = weights
+    runtime = model.gsa_runtime
+    for layer in range(config.num_hidden_layers):
+        site = runtime.sites.get(layer)
+        if path.startswith("gsa") and site is not None and site.policy != "dense":
+            k = runtime.config.num_selected_blocks(layer, length)
+            total += per_token * min(length, k * runtime.config.chunk_size)
+            if site.policy == "sparse":
+                total += batch * config.num_key_value_heads * length * runtime.config.hash_bits // 8
+        else:
+            total += per_token * length
+    return total
 
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
-    cache = prefill(model, ids, args.chunk)
-    cached = cache.get_seq_length()
-    steps = 4
-    result = {}
-    for mode in ("gsa", "dense"):
-        context = gsa_disabled(model) if mode == "dense" else torch.no_grad()
-        with context:
-            timed_decode(model, ids, cache, 2, device)
-            crop_to(cache, cached)
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-            with profile(activities=activities) as prof:
-                wall_s = timed_decode(model, ids, cache, steps, device)
-            crop_to(cache, cached)
-        events = prof.key_averages()
-        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
-        device_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
-        result[mode] = {"wall_ms_per_step": wall_s / steps * 1e3,
-                        "host_ms_per_step": sum(e.self_cpu_time_total for e in events) / steps / 1e3,
-                        "device_ms_per_step": device_us / steps / 1e3,
-                        "top_host_ops_us_per_step": {e.key: e.self_cpu_time_total / steps for e in top}}
-        print(f"profile {mode}: wall {result[mode]['wall_ms_per_step']:.1f} ms/step (profiled), host ops "
-              f"{result[mode]['host_ms_per_step']:.1f} ms/step, device "
-              f"{result[mode]['device_ms_per_step']:.1f} ms/step", flush=True)
-        for name, us in result[mode]["top_host_ops_us_per_step"].items():
-            print(f"   {us:9.0f} us  {name[:70]}", flush=True)
-    return result
+
+def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: float) -> list[dict]:
+    generator = torch.Generator(device=device).manual_seed(prompt + batch)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device, generator=generator)
+    mask = torch.ones_like(ids)
+    rows = []
+    groups = [(True, STATIC_PATHS)] + ([(False, EAGER_PATHS)] if prompt in args.dynamic_shapes else [])
+    for compiled, paths in groups:
+        if compiled:
+            cache = StaticCache(config=model.config, max_cache_len=prompt + args.new_tokens)
+        else:
+            cache = DynamicCache(config=model.config)
+        fill(model, cache, batch, prompt - 1, device, generator)
+        results = {}
+        order = [p for p in paths if p in args.paths]
+
+        def timed(path: str, warm: bool):
+            try:
+                with attention_path(model, path):
+                    if warm:
+                        generate_seconds(model, ids, mask, cache, 3, compiled, device)
+                        rewind(cache, prompt - 1)
+                    calls = sparse_calls(model)
+                    seconds, tokens = generate_seconds(model, ids, mask, cache, args.new_tokens, compiled, device)
+                    rewind(cache, prompt - 1)
+                    calls = sparse_calls(model) - calls
+            except Exception as exc:  # one path failing must not lose the others' numbers
+                print(f"  {path}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+                results[path] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                return
+            best = results.get(path, {}).get("seconds", math.inf)
+            if seconds < best:
+                results[path] = {"seconds": seconds, "tokens": tokens, "sparse_calls": calls}
+            print(f"  {path}: {seconds / args.new_tokens * 1e3:.2f} ms/step", flush=True)
+
+        for path in order:  # A B C ... warm and timed
+            timed(path, warm=True)
+        for path in reversed(order):  # ... C B A timed again
+            if "error" not in results.get(path, {}):
+                timed(path, warm=False)
+        reference = results.get("dense_hf" if compiled else "dense_eager", {}).get("tokens")
+        for path in order:
+            result = results[path]
+            row = {"batch": batch, "prompt": prompt, "path": path, "cache": "static" if compiled else "dynamic",
+                   "compiled": compiled}
+            if "error" in result:
+                rows.append({**row, "error": result["error"]})
+                continue
+            ms = result["seconds"] / args.new_tokens * 1e3
+            floor = floor_bytes(model, batch, prompt, path)
+            row.update(ms_per_step=ms, tokens_per_s=batch * args.new_tokens / result["seconds"],
+                       sparse_calls=result["sparse_calls"], floor_gb=floor / 1e9,
+                       floor_share=(floor / bandwidth * 1e3) / ms if bandwidth == bandwidth else None)
+            if reference is not None:
+                row["agree"] = float((result["tokens"] == reference).all(-1).float().mean())
+            rows.append(row)
+        del cache
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    strongest = min((r for r in rows if r.get("path") in EXACT_DENSE and "ms_per_step" in r),
+                    key=lambda r: r["ms_per_step"], default=None)
+    for row in rows:
+        if strongest is not None and "ms_per_step" in row:
+            row["vs_strongest_dense"] = strongest["ms_per_step"] / row["ms_per_step"]
+            row["strongest_dense"] = strongest["path"]
+    return rows
+
+
+def agreement(model, args, device: str) -> dict:
+    """GSA with a budget covering every block against dense_hf, static compiled path."""
+    batch, prompt = args.agreement
+    config = model.gsa_runtime.config
+    model.gsa_runtime.config = config.replace(budget_tokens=prompt + args.new_tokens)
+    try:
+        saved = args.paths
+        args.paths = ("gsa", "dense_hf")
+        rows = run_shape(model, batch, prompt, args, device, float("nan"))
+    finally:
+        args.paths = saved
+        model.gsa_runtime.config = config
+    gsa = next(r for r in rows if r["path"] == "gsa")
+    return {"batch": batch, "prompt": prompt, "budget_tokens": prompt + args.new_tokens, "agree": gsa.get("agree"),
+            "error": gsa.get("error")}
+
+
+def table(rows: list[dict]) -> str:
+    header = ["batch", "prompt", "path", "ms/step", "tok/s", "x strongest dense", "floor GB", "floor share",
+              "sparse calls", "agree"]
+    lines = [header]
+    for r in rows:
+        if "error" in r:
+            lines.append([r["batch"], r["prompt"], r["path"], "failed", r["error"][:60], "", "", "", "", ""])
+            continue
+        lines.append([r["batch"], r["prompt"], r["path"], f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:.1f}",
+                      f"{r.get('vs_strongest_dense', float('nan')):.2f}", f"{r['floor_gb']:.1f}",
+                      "" if r.get("floor_share") is None else f"{r['floor_share']:.0%}", r["sparse_calls"],
+                      "" if r.get("agree") is None else f"{r['agree']:.2f}"])
+    return format_table(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(r["batch"], r["prompt"]) for r in rows})
+    paths = [p for p in STATIC_PATHS + EAGER_PATHS if any(r["path"] == p for r in rows)]
+    figure, axis = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(paths), 1)
+    for i, name in enumerate(paths):
+        values = [next((r["tokens_per_s"] for r in rows if (r["batch"], r["prompt"]) == s and r["path"] == name
+                        and "tokens_per_s" in r), 0) for s in shapes]
+        axis.bar([j + i * width for j in range(len(shapes))], values, width, label=name)
+    axis.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+    axis.set_xticklabels([f"batch {b}\n{p // 1024}K" for b, p in shapes])
+    axis.set_ylabel("tokens/s (generate)")
+    axis.legend(fontsize=7)
+    axis.set_title("End-to-end decode, Llama-3.1-8B shape")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompts", default="32768,65536", help="comma-separated prompt lengths")
+    parser.add_argument("--shapes", default="8x32768,8x65536,1x131072,4x131072",
+                        help="comma-separated BATCHxPROMPT")
+    parser.add_argument("--paths", default=",".join(STATIC_PATHS + EAGER_PATHS))
+    parser.add_argument("--dynamic-shapes", default="32768", help="prompt lengths that also run the eager paths")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per forward)")
     parser.add_argument("--budget-tokens", type=int, default=2048)
-    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test of the path)")
+    parser.add_argument("--agreement", default="", help="BATCHxPROMPT of a full-budget agreement run")
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test of the paths)")
+    parser.add_argument("--plot", action="store_true")
     parser.add_argument("--out", default="e2e_out")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile 4 decode steps (host and device time) at the first prompt length instead")
     args = parser.parse_args(argv)
+    args.paths = tuple(p for p in args.paths.split(",") if p)
+    args.dynamic_shapes = {int(p) for p in args.dynamic_shapes.split(",") if p}
+    args.agreement = tuple(int(x) for x in args.agreement.split("x")) if args.agreement else None
     device = "cpu" if args.tiny else "cuda"
     os.makedirs(args.out, exist_ok=True)
 
@@ -179,18 +368,24 @@ def main(argv=None) -> int:
         overrides.update(chunk_size=16, cpu_seq_len_threshold=0, cpu_concurrency_threshold=0)
     model = gsa_compile.optimize(model, gsa_compile.GSAConfig.for_model(model, **overrides))
     print(model.gsa_report, flush=True)
+    bandwidth = copy_bandwidth(device)
     report = {"model": {"layers": args.layers, **(TINY if args.tiny else LLAMA_31_8B)}, "device": device,
-              "torch": torch.__version__, "rows": []}
+              "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth / 1e9, "new_tokens": args.new_tokens,
+              "budget_tokens": args.budget_tokens, "rows": []}
     if device == "cuda":
         report["gpu"] = torch.cuda.get_device_name()
-    prompts = [int(p) for p in args.prompts.split(",") if p]
-    if args.profile:
-        report["profile"] = profile_decode(model, args.batch, prompts[0], args, device)
-        prompts = []
-    for prompt in prompts:
-        report["rows"].append(measure(model, args.batch, prompt, args, device))
-        write(report, args.out)
-    write(report, args.out)
+    for shape in args.shapes.split(","):
+        batch, prompt = (int(x) for x in shape.split("x"))
+        print(f"batch {batch}, prompt {prompt}:", flush=True)
+        report["rows"].extend(run_shape(model, batch, prompt, args, device, bandwidth))
+        write_json(os.path.join(args.out, "e2e.json"), report)
+    if args.agreement:
+        report["agreement"] = agreement(model, args, device)
+        print("full-budget agreement:", report["agreement"], flush=True)
+    write_json(os.path.join(args.out, "e2e.json"), report)
+    print(table(report["rows"]), flush=True)
+    if args.plot:
+        plot(report["rows"], os.path.join(args.out, "e2e.png"))
     return 0
 
 
