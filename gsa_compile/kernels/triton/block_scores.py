@@ -4,8 +4,9 @@ block, reading nothing but the packed codes (and the valid mask / key norms when
 The group's similarity to a key, sum_i (R - 2 hamming(q_i, k)), is the dot product of the key's
 +-1 code with S, the group sum of the query signs. S is handed over as 1 + log2(G) packed +-1
 planes (kernels.common.plane_layout) with weights w_p, and S . k = sum_p w_p (R - 2 hamming(
-plane_p, k)): one XOR + popcount per plane and code word, so a group of 16 costs 5 popcounts per
-word instead of 16, and the kernel stays bound by reading the codes at every group size.
+plane_p, k)): one XOR + popcount per plane and code word, and an even group's two weight-1
+planes share one popcount, so groups 1, 2, 4, 8, 16 cost 1, 1, 2, 3, 4 popcounts per word
+(instead of G) and the kernel stays bound by reading the codes at every group size.
 
 Output is float64 [B, Hkv, n_blocks]: -inf for a block with no valid token, else the block's
 score. float64 keeps every score exactly equal to the reference's (integer similarities,
@@ -71,17 +72,26 @@ def _block_score_kernel(
 
     # One 2-D [blocks, tokens] tile per code word, the planes' words as scalars: the XOR and
     # popcount run on plain registers with no cross-thread reduction over words.
+    # weighted = sum_p w_p hamming(plane_p, k), so that sum_p w_p (R - 2 hamming(plane_p, k)),
+    # the group's +-1 dot product with the key, is TOP - 2 * weighted.
     weighted = tl.zeros([BLOCKS_PER_PROGRAM, BLOCK_C], dtype=tl.int32)
+    shared_bits = tl.zeros([], dtype=tl.int32)
     key_base = kc_ptr + b * sk_b + h * sk_h + tokens * sk_l
     plane_base = pl_ptr + b * sp_b + h * sp_h
     for w in tl.static_range(NUM_WORDS):
         key_word = tl.load(key_base + w, mask=ok, other=0).to(tl.int32)
-        for p in tl.static_range(NUM_PLANES):
+        if DIRECT:
+            # The two weight-1 planes a, b of an even group in one popcount: with x = a ^ k and
+            # y = b ^ k, popc(x) + popc(y) = popc(a ^ b) + 2 popc(x & y), and a ^ b holds no key.
+            first = tl.load(plane_base + w).to(tl.int32)
+            second = tl.load(plane_base + sp_p + w).to(tl.int32)
+            shared_bits += _popcount(first ^ second, USE_POPC)
+            weighted += _popcount((key_word ^ first) & (key_word ^ second), USE_POPC) << 1
+        # Plane p >= 2 * DIRECT weighs 2 ** (p - DIRECT).
+        for p in tl.static_range(2 * DIRECT, NUM_PLANES):
             plane_word = tl.load(plane_base + p * sp_p + w).to(tl.int32)
-            # Plane weights: 1 for the direct plane (if any), then 1, 2, 4, ...
-            weighted += _popcount(key_word ^ plane_word, USE_POPC) << (p - DIRECT + (p < DIRECT))
-    # sum_p w_p (R - 2 hamming(plane_p, k)) = the group's +-1 dot product with the key.
-    similarity = TOP - 2 * weighted
+            weighted += _popcount(key_word ^ plane_word, USE_POPC) << (p - DIRECT)
+    similarity = TOP - 2 * (weighted + shared_bits)
     count = tl.sum(ok.to(tl.int32), axis=1)
     if HAS_NORMS:
         norms = tl.load(norm_ptr + b * sn_b + h * sn_h + tokens * sn_l, mask=ok, other=0.0)
