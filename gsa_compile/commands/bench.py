@@ -9,7 +9,11 @@ Versions, all on the same inputs (bf16, 32 query / 8 KV heads, d 128 unless told
 - naive:  PyTorch gather: unpacked +-1 codes, einsum scores, topk, gather, SDPA.
 For each it reports the median time, the speedup over dense, the bytes that version must
 move, and the fraction of the bytes floor (bytes / copy bandwidth measured in the same run)
-it reaches. Writes bench.json and bench.png (matplotlib) under --out and prints a table."""
+it reaches. Writes bench.json and bench.png (matplotlib) under --out and prints a table.
+
+With --geometries it times dense and GSA instead over several head geometries (query / KV heads,
+so GQA groups 1 to 16), at 128K keys and a 2048-token budget unless told, and with --docs writes
+that table into a markdown file between the GEOMETRY_BEGIN and GEOMETRY_END marker lines."""
 
 from __future__ import annotations
 
@@ -23,14 +27,22 @@ logger = logging.getLogger(__name__)
 
 CHUNK = 128
 MUST_SELECT = (0, -2, -1)
+# Llama-3.1-8B (group 4), Qwen3-32B / Llama-3-70B (8), group 16, and MHA at batch 1.
+DEFAULT_GEOMETRIES = "32/8,64/8,32/2,32/32@1"
+GEOMETRY_BEGIN = "<!-- geometry table: written by benchmarks/gpu_bench.py, do not edit by hand -->"
+GEOMETRY_END = "<!-- end of geometry table -->"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="GPU decode-attention benchmark: GSA vs dense SDPA, FlexAttention, naive gather")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    parser.add_argument("--keys", default="8192,32768,65536,131072", help="comma-separated cache lengths")
-    parser.add_argument("--budgets", default="2048,0.3",
-                        help="comma-separated budgets: an integer is a token budget, a fraction a top-k ratio")
+    parser.add_argument("--keys", default=None,
+                        help="comma-separated cache lengths (default 8192,32768,65536,131072; 131072 with --geometries)")
+    parser.add_argument("--budgets", default=None, help="comma-separated budgets: an integer is a token budget, "
+                        "a fraction a top-k ratio (default 2048,0.3; 2048 with --geometries)")
+    parser.add_argument("--geometries", default="", help="time dense and GSA per head geometry instead: comma-separated "
+                        f"Q/KV heads, each optionally @batches (e.g. {DEFAULT_GEOMETRIES}; 'default' means that)")
+    parser.add_argument("--docs", default="", help="with --geometries: markdown file whose geometry table to rewrite")
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -51,6 +63,10 @@ def run(args) -> int:
         raise GSABackendUnavailable("gsa-compile bench measures CUDA kernels and needs a CUDA device")
     os.makedirs(args.out, exist_ok=True)
     skip = {s for s in args.skip.split(",") if s}
+    if args.geometries:
+        return run_geometries(args, skip)
+    args.keys = args.keys or "8192,32768,65536,131072"
+    args.budgets = args.budgets or "2048,0.3"
     bench = Bench(args.q_heads, args.kv_heads, args.head_dim)
     report = {"environment": bench.environment(), "copy_bandwidth_bytes_per_s": bench.bandwidth, "rows": []}
     print(f"device-to-device copy: {bench.bandwidth / 1e12:.2f} TB/s (bytes read + written)", flush=True)
@@ -75,6 +91,81 @@ def run(args) -> int:
     return 0
 
 
+def run_geometries(args, skip) -> int:
+    """Dense and GSA (no Flex, naive or extras) for each geometry; one JSON, one table."""
+    keys, budgets = _ints(args.keys or "131072"), _budgets(args.budgets or "2048")
+    report = {"rows": [], "geometries": args.geometries}
+    bandwidth = None
+    for q_heads, kv_heads, batches in parse_geometries(args.geometries, _ints(args.batches)):
+        bench = Bench(q_heads, kv_heads, args.head_dim, bandwidth)
+        bandwidth = bench.bandwidth
+        report.update(environment=bench.environment(), copy_bandwidth_bytes_per_s=bandwidth)
+        for batch in batches:
+            for num_keys in keys:
+                for row in bench.shape_rows(batch, num_keys, budgets, skip | {"flex", "naive"}):
+                    report["rows"].append({"q_heads": q_heads, "kv_heads": kv_heads, **row})
+                _write(args.out, report)
+    table = geometry_table(report["rows"])
+    print(table)
+    if args.docs:
+        write_docs_table(args.docs, table)
+        print(f"wrote the geometry table into {args.docs}", flush=True)
+    return 0
+
+
+def parse_geometries(text: str, default_batches) -> list:
+    """'32/8,32/32@1' -> [(32, 8, default_batches), (32, 32, [1])]."""
+    from ..errors import GSAInputError
+
+    geometries = []
+    for item in (DEFAULT_GEOMETRIES if text == "default" else text).split(","):
+        heads, _, batches = item.partition("@")
+        try:
+            q_heads, kv_heads = (int(x) for x in heads.split("/"))
+            chosen = [int(b) for b in batches.split("+")] if batches else list(default_batches)
+        except ValueError:
+            raise GSAInputError(f"--geometries item {item!r} is not Q/KV or Q/KV@B1+B2 (e.g. 32/8 or 32/32@1)") from None
+        if q_heads % kv_heads:
+            raise GSAInputError(f"--geometries item {item!r}: query heads must be a multiple of KV heads")
+        geometries.append((q_heads, kv_heads, chosen))
+    return geometries
+
+
+def geometry_table(rows) -> str:
+    """Markdown: one line per geometry, batch, cache length and budget (GSA against dense)."""
+    dense = {(r["q_heads"], r["kv_heads"], r["batch"], r["keys"]): r for r in rows if r["version"] == "dense"}
+    lines = ["| q / KV heads (group) | batch | keys | budget | dense us | GSA us | GSA x | % of bytes floor | "
+             "select us | attend us | selection = reference |", "|" + " --- |" * 11]
+    for r in rows:
+        if r["version"] != "gsa":
+            continue
+        base = dense[(r["q_heads"], r["kv_heads"], r["batch"], r["keys"])]
+        lines.append(
+            f"| {r['q_heads']} / {r['kv_heads']} ({r['q_heads'] // r['kv_heads']}) | {r['batch']} | {r['keys'] // 1024}K "
+            f"| {r['budget']} | {base['ms'] * 1e3:.1f} | {r['ms'] * 1e3:.1f} | {r['speedup']:.2f}x "
+            f"| {r['floor_fraction'] * 100:.0f}% | {r['select_graph_ms'] * 1e3:.1f} | {r['attend_graph_ms'] * 1e3:.1f} "
+            f"| {_yes_no(r.get('selection_equal'))} |")
+    return "\n".join(lines)
+
+
+def _yes_no(value) -> str:
+    return "not checked" if value is None else ("yes" if value else "**no**")
+
+
+def write_docs_table(path: str, table: str) -> None:
+    """Replace what lies between the marker lines of `path` with `table`."""
+    from ..errors import GSAInputError
+
+    with open(path) as handle:
+        text = handle.read()
+    if GEOMETRY_BEGIN not in text or GEOMETRY_END not in text:
+        raise GSAInputError(f"{path} has no geometry table markers; add the lines\n{GEOMETRY_BEGIN}\n{GEOMETRY_END}")
+    head, rest = text.split(GEOMETRY_BEGIN, 1)
+    tail = rest.split(GEOMETRY_END, 1)[1]
+    with open(path, "w") as handle:
+        handle.write(f"{head}{GEOMETRY_BEGIN}\n{table}\n{GEOMETRY_END}{tail}")
+
+
 def _ints(text):
     return [int(x) for x in text.split(",") if x]
 
@@ -90,7 +181,7 @@ def _write(folder, report):
 class Bench:
     """Inputs, timers and byte counts for one device."""
 
-    def __init__(self, q_heads: int, kv_heads: int, head_dim: int):
+    def __init__(self, q_heads: int, kv_heads: int, head_dim: int, bandwidth=None):
         import torch
 
         self.torch = torch
@@ -98,7 +189,7 @@ class Bench:
         self.dtype = torch.bfloat16
         self.device = torch.device("cuda")
         self.generator = torch.Generator(device=self.device).manual_seed(0)
-        self.bandwidth = self.copy_bandwidth()
+        self.bandwidth = bandwidth or self.copy_bandwidth()
 
     def environment(self) -> dict:
         import triton

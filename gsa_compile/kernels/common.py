@@ -71,6 +71,52 @@ def num_selected_blocks(
     return max(floor, min(k, n_blocks))
 
 
+def row_block_counts(valid: Optional[torch.Tensor], num_keys: int, chunk_size: int) -> Optional[torch.Tensor]:
+    """int64 [B]: blocks up to each row's last valid key (0 for a row with none), None when
+    every key is valid. Negative must-select indices count back from these, so the unused
+    tail of a static cache does not move the recent window. Device ops only: no host read."""
+    if valid is None:
+        return None
+    positions = torch.arange(1, num_keys + 1, device=valid.device)
+    row_length = torch.where(valid, positions, 0).amax(-1) if num_keys else valid.new_zeros(valid.shape[0], dtype=torch.int64)
+    return ceil_div(row_length, chunk_size)
+
+
+def plane_layout(groups: int) -> tuple[int, int, int]:
+    """How the group sum of +-1 query signs S (in [-G, G]) splits into +-1 planes, so that
+    sum_i (R - 2 hamming(q_i, k)) = S . k = sum_p w_p (R - 2 hamming(plane_p, k)) with
+    1 + log2(G) planes instead of G codes. Returns (direct, planes, offset):
+
+    - an even group takes its first head's code as it is (`direct` = 1, weight 1), leaving an
+      odd number n of heads; an odd group has direct = 0 and n = G;
+    - the n heads' sum S' is odd with |S'| <= 2**planes - 1 (planes = bit_length(n)), so
+      u = (S' + 2**planes - 1) / 2 = c + offset is an integer in [0, 2**planes - 1], where c is
+      how many of the n heads have the bit set and offset = (2**planes - 1 - n) / 2; with u's
+      bits u_j, S' = sum_j 2**j (2 u_j - 1): plane j (weight 2**j) is bit j of c + offset."""
+    direct = 1 - groups % 2
+    counted = groups - direct
+    planes = counted.bit_length()
+    return direct, planes, ((1 << planes) - 1 - counted) // 2
+
+
+def plane_weights(groups: int) -> list[int]:
+    """Weight of each plane of sign_planes, in order (their sum times R is the top score)."""
+    direct, planes, _ = plane_layout(groups)
+    return [1] * direct + [1 << j for j in range(planes)]
+
+
+def sign_planes(query_codes: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Packed query codes [B, Hq, R/8] -> packed planes [B, Hkv, P, R/8] of plane_layout."""
+    batch, q_heads, code_bytes = query_codes.shape
+    groups = q_heads // kv_heads
+    direct, planes, offset = plane_layout(groups)
+    bits = unpack_codes(query_codes).reshape(batch, kv_heads, groups, 8 * code_bytes)
+    counts = bits[:, :, direct:].sum(2, dtype=torch.int32) + offset
+    shifts = torch.arange(planes, dtype=torch.int32, device=query_codes.device)[:, None]
+    plane_bits = ((counts.unsqueeze(2) >> shifts) & 1).bool()
+    return pack_bits(torch.cat([bits[:, :, :direct], plane_bits], dim=2))
+
+
 def mask_to_4d(attn_mask: torch.Tensor) -> torch.Tensor:
     while attn_mask.dim() < 4:
         attn_mask = attn_mask.unsqueeze(0)

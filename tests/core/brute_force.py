@@ -16,7 +16,7 @@ def packed(bits):
     return [sum(bits[8 * b + i] << i for i in range(8)) for b in range(len(bits) // 8)]
 
 
-def select(query, key, weight, *, chunk, k, must, repre, valid=None, norms=False, shared=False):
+def select(query, key, weight, *, chunk, k, must, repre, valid=None, norms=False, shared=False, limit=None):
     """query [B, Hq, 1, D], key [B, Hkv, L, D] -> list [B][Hkv] of sorted selected block lists."""
     batch, q_heads, _, _ = query.shape
     kv_heads, num_keys = key.shape[1], key.shape[2]
@@ -57,16 +57,20 @@ def select(query, key, weight, *, chunk, k, must, repre, valid=None, norms=False
                 values = [s[c] for s in head_scores if s[c] is not None]
                 merged.append(max(values) if values else None)
             head_scores = [merged] * kv_heads
+        # Negative must-select indices count back from the block of the row's last valid key.
+        row_blocks = math.ceil((1 + max((j for j in range(num_keys) if ok[j]), default=-1)) / chunk)
+        take = k if limit is None else min(k, int(limit[b]))
         rows = []
         for scores in head_scores:
             chosen = []
             for m in must:
-                index = m if m >= 0 else n_blocks + m
+                index = m if m >= 0 else row_blocks + m
                 if 0 <= index < n_blocks and scores[index] is not None and index not in chosen:
                     chosen.append(index)
+            chosen = sorted(chosen)[:take]
             others = sorted((c for c in range(n_blocks) if c not in chosen and scores[c] is not None),
                             key=lambda c: (-scores[c], c))
-            chosen += others[: max(0, k - len(chosen))]
+            chosen += others[: max(0, take - len(chosen))]
             rows.append(sorted(chosen))
         result.append(rows)
     return result

@@ -181,3 +181,29 @@ def test_row_without_a_valid_selected_token_returns_zeros():
     for kernel in (reference.sparse_attention, cpu.sparse_attention):
         out = kernel(query, key, value, blocks, valid, None, 16, None, None)
         assert torch.isfinite(out).all() and out[1].abs().max() == 0 and out[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 6, 8, 16])
+def test_plane_similarity_is_the_reference_integer_for_every_group(groups):
+    query, key, _, _, weight = make_inputs(2, groups, 32, 24, 8, seed=30 + groups)
+    codes = F.encode(key, weight)
+    got = cpu.token_similarity(query, codes, weight)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, reference.token_similarity(query, codes, weight))
+
+
+@pytest.mark.parametrize("repre", ["max", "sum"])
+def test_cpu_limit_masked_tail_and_norm_means_match_reference(repre):
+    query, key, _, valid, weight = make_inputs(3, 4, 64, 64, 8, seed=31)
+    valid[1, 20:] = False  # a static cache's unused tail
+    valid[2] = False
+    valid[2, :5] = True  # one partial block: blocks 0, -2 and -1 are all block 0
+    codes = F.encode(key, weight)
+    limit = torch.tensor([6, 3, 1], dtype=torch.int32)
+    for norms in (None, F.key_norms(key)):  # float64 norm products and means, as the reference
+        for scope in ("per_head", "shared"):
+            args = (query, codes, weight, valid, norms, 8, 6, [0, -2, -1], repre, scope, limit)
+            assert torch.equal(cpu.select_blocks(*args), reference.select_blocks(*args))
+    blocks = cpu.select_blocks(query, codes, weight, valid, None, 8, 6, [0, -2, -1], repre, "per_head", limit)
+    assert blocks[1].tolist() == [[0, 1, 2, -1, -1, -1]] * 2  # 20 keys: blocks 0, 1 (= -2), 2 (= -1)
+    assert blocks[2].tolist() == [[0, -1, -1, -1, -1, -1]] * 2

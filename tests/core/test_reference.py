@@ -80,3 +80,31 @@ def test_sparse_attention_matches_brute_force(case):
         expected = brute_attention(query, key, value, selected, chunk=chunk, valid=valid, scale=0.3,
                                    softcap=softcap, bias=bias if use_bias else None)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("repre", ["max", "sum"])
+@pytest.mark.parametrize("scope", ["per_head", "shared"])
+def test_limit_and_masked_tail_match_brute_force(repre, scope):
+    """A static cache: rows end before L (the unused tail masked), so negative must-select
+    indices count from each row's last valid block; limit caps each row's count."""
+    batch, q_heads, kv_heads, keys, dim, bits, chunk, k = 4, 4, 2, 70, 16, 16, 8, 5
+    gen = torch.Generator().manual_seed(29)
+    query = torch.randn(batch, q_heads, 1, dim, generator=gen, dtype=torch.float64)
+    key = torch.randn(batch, kv_heads, keys, dim, generator=gen, dtype=torch.float64)
+    weight = F.hash_weights(kv_heads, dim, bits, seed=5).double()
+    valid = torch.rand(batch, keys, generator=gen) > 0.2
+    valid[0, -1] = True  # row 0 reaches the end of the cache
+    valid[1, 37:] = False  # row 1 ends inside block 4
+    valid[2, :9], valid[2, 50:] = False, False  # left padding and an unused tail
+    valid[3, 3:] = False  # one block long: block 0 is also blocks -1 and -2
+    limit = torch.tensor([7, 3, 0, 1], dtype=torch.int32)
+    must = [0, -2, -1]
+    codes = reference.encode(key, weight)
+    got = reference.select_blocks(query, codes, weight, valid, None, chunk, k, must, repre, scope, limit)
+    expected = brute_select(query, key, weight, chunk=chunk, k=k, must=must, repre=repre, valid=valid,
+                            shared=scope == "shared", limit=limit)
+    assert [[[c for c in row if c >= 0] for row in rows] for rows in got.tolist()] == expected
+    assert expected[1] == [[0, 3, 4]] * 2 and expected[2] == [[], []] and expected[3] == [[0], [0]]
+    # Without a limit or a masked tail nothing changes: the last blocks of the cache are selected.
+    full = reference.select_blocks(query, codes, weight, None, None, chunk, k, must, repre, scope)
+    assert (full[..., -2:] == torch.tensor([7, 8], dtype=torch.int32)).all()

@@ -103,6 +103,55 @@ def test_top_blocks_breaks_ties_to_the_lower_index(device, integer_span):
     assert (triton_select.top_blocks(none_valid, 3, integer_span) == -1).all()
 
 
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 8, 16])
+def test_query_planes_are_the_sign_planes_of_the_codes(gen, device, groups):
+    from gsa_compile.kernels.common import sign_planes
+
+    query = randn(gen, 2, 2 * groups, 1, 64, device=device)
+    weight = hash_weights(2, 64, 128, seed=groups).to(device)
+    planes = triton_encode.query_planes(query, weight)
+    assert torch.equal(planes, sign_planes(triton_encode.encode(query, weight)[:, :, 0], 2))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8, 16])
+def test_select_with_limit_and_static_cache_tail_equals_reference(gen, device, real_sizes, groups):
+    """Every GQA group size through the planes, rows of a static cache ending before L (negative
+    must-select indices count from each row's last valid block) and a per-row limit on the device."""
+    batch, kv_heads, chunk, k = 4, 2, 16, 5
+    num_keys = 120
+    if real_sizes:
+        kv_heads, num_keys, chunk, k = 8, 32_768 + 77, 128, 16
+    query = randn(gen, batch, kv_heads * groups, 1, 64, device=device)
+    keys = randn(gen, batch, kv_heads, num_keys, 64, device=device)
+    weight = hash_weights(kv_heads, 64, 128, seed=11).to(device)
+    codes = ref.encode(keys, weight)
+    valid = torch.ones(batch, num_keys, dtype=torch.bool)
+    valid[1, num_keys // 2 + 5:] = False  # a shorter row of the static cache
+    valid[2, :chunk + 3], valid[2, num_keys // 3:] = False, False  # left padding, then the unused tail
+    valid[3, chunk // 2:] = False  # half a block: block 0 is also -2 and -1
+    valid = valid.to(device)
+    limit = torch.tensor([k, k - 2, 2, 0], dtype=torch.int32, device=device)
+    norms = F.key_norms(keys)
+    for repre, key_norms, scope, row_limit in (("max", None, "per_head", limit), ("sum", norms, "per_head", limit),
+                                               ("max", None, "shared", limit), ("min", None, "per_head", None)):
+        args = (query, codes, weight, valid, key_norms, chunk, k, [0, -2, -1], repre, scope, row_limit)
+        blocks = triton_select.select_blocks(*args)
+        assert torch.equal(blocks, ref.select_blocks(*args)), (repre, scope, row_limit is None)
+    row_blocks = -(-(num_keys // 2 + 5) // chunk)
+    assert {row_blocks - 2, row_blocks - 1} <= set(blocks[1, 0].tolist())  # the row's own recent window
+
+
+def test_top_blocks_limit_and_per_row_must_select(device):
+    inf = float("inf")
+    scores = torch.tensor([[[5.0, 1.0, 4.0, 2.0, 3.0, -inf, -inf]], [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]],
+                          dtype=torch.float64, device=device)
+    limit = torch.tensor([3, 1], dtype=torch.int32, device=device)
+    blocks = triton_select.top_blocks(scores, 4, 0, [0, -1], limit)
+    # Row 0 ends at block 4, so -1 is block 4; row 1 takes only its first must-select block.
+    assert blocks.tolist() == [[[0, 2, 4, -1]], [[0, -1, -1, -1]]]
+    assert torch.equal(blocks, ref.top_blocks(scores, [0, -1], 4, torch.tensor([5, 7], device=device), limit))
+
+
 # ------------------------------------------------------------------------------ attention
 ATTENTION_CASES = [
     # q_heads, kv_heads, dim, dim_v, chunk, k, mask kind, softcap
@@ -145,6 +194,37 @@ def test_sparse_attention_matches_reference(gen, device, real_sizes, dtype, case
     expected = ref.sparse_attention(query.double(), keys.double(), values.double(), blocks, valid, bias, chunk, 0.3, softcap)
     assert out.dtype == dtype and out.shape == (batch, q_heads, 1, dim_v)
     assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+def test_attention_work_is_bounded_by_each_rows_selected_count(gen, device, real_sizes):
+    """One selection shape (every block of the cache) with 0 to all entries >= 0 per row, -1
+    after them: each row attends exactly its counted blocks, whatever the split count."""
+    batch, kv_heads, groups, chunk, num_keys = 2, 2, 4, 16, 150
+    if real_sizes:
+        batch, kv_heads, chunk, num_keys = 4, 8, 128, 65_536
+    dtype = torch.bfloat16 if real_sizes else torch.float32
+    query = randn(gen, batch, kv_heads * groups, 1, 64, dtype=dtype, device=device)
+    keys = randn(gen, batch, kv_heads, num_keys, 64, dtype=dtype, device=device)
+    values = randn(gen, batch, kv_heads, num_keys, 64, dtype=dtype, device=device)
+    n_blocks = -(-num_keys // chunk)
+    counts = torch.randint(0, n_blocks + 1, (batch, kv_heads), generator=gen)
+    counts[0, 0], counts[-1, -1] = n_blocks, 0
+    blocks = torch.full((batch, kv_heads, n_blocks), -1, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(kv_heads):
+            blocks[b, h, : counts[b, h]] = torch.randperm(n_blocks, generator=gen)[: counts[b, h]].sort().values
+    blocks = blocks.to(device)
+    out = triton_attention.sparse_attention(query, keys, values, blocks, None, None, chunk, None, None)
+    expected = ref.sparse_attention(query.double(), keys.double(), values.double(), blocks, None, None, chunk,
+                                    None, None)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+    assert (out[-1, -groups:] == 0).all()  # a row with no selected block
+    # The same first 4 entries of every row, padded to all blocks or not: same attention.
+    wide = torch.where(torch.arange(n_blocks, device=device) < 4, blocks, -1)
+    narrow = wide[..., :4].contiguous()
+    full = triton_attention.sparse_attention(query, keys, values, wide, None, None, chunk, None, None)
+    short = triton_attention.sparse_attention(query, keys, values, narrow, None, None, chunk, None, None)
+    assert relative_error(full, short) < TOLERANCE[dtype]
 
 
 def test_head_with_no_attendable_key_returns_zeros(gen, device):

@@ -1,9 +1,12 @@
 """CPU kernels: scoring straight from packed codes, attention over the selected blocks only.
 
-Scoring XORs each key's packed code with the codes of its group's query heads, word by word
-(64-bit words where R allows), and counts the differing bits with numpy's hardware popcount
-(numpy.bitwise_count); sum_i (R - 2 hamming(q_i, k)) is then one subtraction. Keys are never
-unpacked. The work runs as a few large numpy calls over all (row, KV head) pairs at once:
+Scoring XORs each key's packed code with the sign planes of its group's summed query (1 + log2 G
+of them, not G codes: kernels.common.plane_layout; an even group's two weight-1 planes share a
+pass), word by word (64-bit words where R allows),
+and counts the differing bits with numpy's hardware popcount (numpy.bitwise_count); the
+weighted counts give sum_i (R - 2 hamming(q_i, k)) exactly. Keys are never unpacked.
+Similarities are float64, as the reference's, so norm products and block means round the same
+way and ties break identically. The work runs as a few large numpy calls over all (row, KV head) pairs at once:
 splitting it over Python threads made each short call wait on the GIL. Attention gathers the
 selected blocks' tokens and runs one fused SDPA over them; no score over all L keys is formed."""
 
@@ -13,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import register_kernel
-from ..common import block_token_index
+from ..common import block_token_index, plane_layout, plane_weights, sign_planes
 from ..reference import encode, masked_attention, select_from_similarity
 
 
@@ -26,25 +29,42 @@ def _word_view(codes: np.ndarray) -> np.ndarray:
 
 
 def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, L] float32: sum over the group's query heads of R - 2 * hamming."""
+    """[B, Hkv, L] float64: sum over the group's query heads of R - 2 * hamming."""
     batch, kv_heads, num_keys, code_bytes = key_codes.shape
     groups = query.shape[1] // kv_heads
+    weights, direct = plane_weights(groups), plane_layout(groups)[0]
+    planes = sign_planes(encode(query, weight)[:, :, 0], kv_heads)
     keys = _word_view(key_codes.contiguous().numpy()).reshape(batch * kv_heads, num_keys, -1)
-    queries = _word_view(encode(query, weight).numpy()).reshape(batch * kv_heads, groups, 1, -1)
-    hamming = None
-    for group in range(groups):
-        counts = np.bitwise_count(keys ^ queries[:, group])  # [BH, L, W] uint8, each <= 64
-        per_key = counts[..., 0].astype(np.uint16)
-        for word in range(1, counts.shape[-1]):
-            per_key += counts[..., word]
-        hamming = per_key.astype(np.int32) if hamming is None else hamming + per_key
-    similarity = (groups * code_bytes * 8 - 2 * hamming).astype(np.float32)
+    planes = _word_view(planes.numpy()).reshape(batch * kv_heads, len(weights), 1, -1)
+    # weighted = sum_p w_p hamming(plane_p, k); the similarity is R * sum(w) - 2 * weighted.
+    weighted = np.zeros((batch * kv_heads, num_keys), dtype=np.int32)
+    if direct:
+        # An even group's two weight-1 planes a, b in one pass: with x = a ^ k, y = b ^ k,
+        # popc(x) + popc(y) = popc(a ^ b) + 2 popc(x & y), and a ^ b holds no key.
+        first, second = planes[:, 0], planes[:, 1]
+        weighted += _popcount_words(first ^ second) + 2 * _popcount_words((keys ^ first) & (keys ^ second))
+    for plane in range(2 * direct, len(weights)):
+        weighted += weights[plane] * _popcount_words(keys ^ planes[:, plane])
+    similarity = (sum(weights) * code_bytes * 8 - 2 * weighted).astype(np.float64)
     return torch.from_numpy(similarity).reshape(batch, kv_heads, num_keys)
 
 
-def select_blocks(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit=None):
+def _popcount_words(words: np.ndarray) -> np.ndarray:
+    """[..., W] unsigned words -> int32 [...]: set bits per row of words."""
+    counts = np.bitwise_count(words)  # uint8, each <= 64
+    total = counts[..., 0].astype(np.uint16)
+    for word in range(1, counts.shape[-1]):
+        total += counts[..., word]
+    return total.astype(np.int32)
+
+
+def select_blocks(
+    query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit=None
+):
     similarity = token_similarity(query, key_codes, weight)
-    return select_from_similarity(similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope)
+    return select_from_similarity(
+        similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit
+    )
 
 
 def gather_selected(key, value, blocks, valid, attn_bias, chunk_size):

@@ -47,7 +47,9 @@ def select_blocks(
     query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit=None
 ) -> torch.Tensor:
     similarity = token_similarity(query, key_codes, weight)
-    return select_from_similarity(similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope)
+    return select_from_similarity(
+        similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit
+    )
 
 
 def supports_select_blocks(

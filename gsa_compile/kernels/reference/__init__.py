@@ -15,6 +15,7 @@ from ..common import (
     pack_bits,
     projection_dtype,
     resolve_must_select,
+    row_block_counts,
     unpack_codes,
 )
 
@@ -73,19 +74,26 @@ def block_scores(
 
 
 def top_blocks(
-    scores: torch.Tensor, must_select: Sequence[int], num_blocks: int
+    scores: torch.Tensor,
+    must_select: Sequence[int],
+    num_blocks: int,
+    row_blocks: Optional[torch.Tensor] = None,
+    limit: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Block scores [B, H, n] (-inf = never) -> int32 [B, H, num_blocks]: must-select blocks
-    first, then the best others, ties to the lower index; ascending, -1 padded."""
+    first, then the best others, ties to the lower index; ascending, -1 padded.
+    row_blocks (int [B], default n) is where each row's negative must-select indices count
+    from; limit (int [B]) caps how many blocks each row takes."""
     batch, heads, n_blocks = scores.shape
     priority = scores.clone()
-    must = resolve_must_select(must_select, n_blocks)
-    if must:
-        must_scores = priority[..., must]
-        priority[..., must] = torch.where(torch.isinf(must_scores) & (must_scores < 0), must_scores, float("inf"))
+    must = must_select_mask(must_select, n_blocks, row_blocks, scores.device)
+    priority = torch.where(must & (priority != float("-inf")), float("inf"), priority)
     order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
     taken = order[..., :num_blocks]
     taken_ok = priority.gather(-1, taken) > float("-inf")
+    if limit is not None:
+        rank = torch.arange(taken.shape[-1], device=scores.device)
+        taken_ok = taken_ok & (rank < limit.to(scores.device).reshape(-1, 1, 1))
     chosen = torch.where(taken_ok, taken, n_blocks)
     chosen = torch.sort(chosen, dim=-1).values
     chosen = torch.where(chosen == n_blocks, -1, chosen)
@@ -94,8 +102,24 @@ def top_blocks(
     return chosen.to(torch.int32)
 
 
+def must_select_mask(
+    must_select: Sequence[int], n_blocks: int, row_blocks: Optional[torch.Tensor], device
+) -> torch.Tensor:
+    """bool [n] (row_blocks None: negatives count from n) or [B, 1, n] (from each row's count)."""
+    index = torch.arange(n_blocks, device=device)
+    if row_blocks is None:
+        hit = torch.zeros(n_blocks, dtype=torch.bool, device=device)
+        hit[resolve_must_select(must_select, n_blocks)] = True
+        return hit
+    rows = row_blocks.to(device).reshape(-1, 1)
+    hit = torch.zeros(rows.shape[0], n_blocks, dtype=torch.bool, device=device)
+    for block in set(must_select):
+        hit = hit | (index == (block if block >= 0 else rows + block))
+    return hit[:, None, :]
+
+
 def select_from_similarity(
-    similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope
+    similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit=None
 ) -> torch.Tensor:
     """Token similarities [B, Hkv, L] -> selection: norm weighting, block scores, scope, top-k.
     Backends that compute similarities their own way share everything after that here."""
@@ -104,14 +128,17 @@ def select_from_similarity(
     scores = block_scores(similarity, valid, chunk_size, repre)
     if scope == "shared":
         scores = scores.amax(dim=1, keepdim=True).expand_as(scores)
-    return top_blocks(scores, must_select, num_blocks)
+    row_blocks = row_block_counts(valid, similarity.shape[-1], chunk_size)
+    return top_blocks(scores, must_select, num_blocks, row_blocks, limit)
 
 
 def select_blocks(
     query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit=None
 ) -> torch.Tensor:
     similarity = token_similarity(query, key_codes, weight)
-    return select_from_similarity(similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope)
+    return select_from_similarity(
+        similarity, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope, limit
+    )
 
 
 def selected_token_mask(blocks: torch.Tensor, chunk_size: int, num_keys: int) -> torch.Tensor:

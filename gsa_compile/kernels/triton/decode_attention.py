@@ -1,10 +1,14 @@
 """gsa::sparse_attention on Triton: split-KV flash decoding over the selected blocks.
 
-One program takes one (batch row, KV head) and a contiguous share of its selected blocks; the
-G query heads of the GQA group ride together as the rows of one matrix product, so each
+One program takes one (batch row, KV head) and every num_splits-th of its selected blocks.
+Selections list their blocks first and -1 after them, so each program first counts the row's
+entries >= 0 (on the device) and loops over its share of those only: one compiled kernel serves
+16 selected blocks or every block of the cache, with work proportional to what is selected and
+no host read (it replays in a CUDA graph). The G query heads of the GQA group ride together as the rows of one matrix product, so each
 selected K/V tile is read from memory once for the whole group. Every program keeps an online
 softmax (running max, sum, weighted V) and writes it as a partial; a merge kernel combines the
-partials of a row. Slots of -1 blocks and invalid tokens are masked loads, which move no bytes."""
+partials of a row (a program with no block writes an empty partial). Invalid tokens are masked
+loads, which move no bytes."""
 
 from __future__ import annotations
 
@@ -19,13 +23,26 @@ from . import runtime
 
 # Programs per multiprocessor the split count aims for, so small batches still fill the GPU.
 PROGRAMS_PER_SM = 4
+# Entries of a selection row each program reads at once while counting the selected blocks.
+COUNT_TILE = 128
+
+
+@triton.jit
+def _selected_count(row_ptr, num_slots, stride, COUNT_TILE: tl.constexpr):
+    """Entries >= 0 of one selection row (they come first, -1 after them)."""
+    count = tl.zeros([], dtype=tl.int32)
+    for start in range(0, num_slots, COUNT_TILE):
+        slots = start + tl.arange(0, COUNT_TILE)
+        entries = tl.load(row_ptr + slots * stride, mask=slots < num_slots, other=-1)
+        count += tl.sum((entries >= 0).to(tl.int32), axis=0)
+    return count
 
 
 @triton.jit
 def _sparse_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, blocks_ptr, valid_ptr, bias_ptr,
     acc_ptr, max_ptr, sum_ptr,
-    kv_heads, num_keys, num_slots, slots_per_split, num_splits, scale, softcap,
+    kv_heads, num_keys, num_slots, num_splits, scale, softcap,
     sq_b, sq_h, sq_d,
     sk_b, sk_h, sk_l, sk_d,
     sv_b, sv_h, sv_l, sv_d,
@@ -36,6 +53,7 @@ def _sparse_decode_split_kernel(
     DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_PER_HEAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FP32_DOT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    COUNT_TILE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -53,14 +71,17 @@ def _sparse_decode_split_kernel(
     running_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
 
-    first_slot = split * slots_per_split
-    last_slot = tl.minimum(first_slot + slots_per_split, num_slots)
+    row_ptr = blocks_ptr + b * sb_b + h * sb_h
+    # Slots split, split + num_splits, ... below the row's count: ceil((count - split) / splits) of them.
+    count = _selected_count(row_ptr, num_slots, sb_k, COUNT_TILE)
+    mine = tl.maximum(count - split + num_splits - 1, 0) // num_splits
     within = tl.arange(0, BLOCK_N)
-    for tile in tl.range(first_slot * TILES_PER_BLOCK, last_slot * TILES_PER_BLOCK, num_stages=NUM_STAGES):
-        block = tl.load(blocks_ptr + b * sb_b + h * sb_h + (tile // TILES_PER_BLOCK) * sb_k)
+    for tile in tl.range(0, mine * TILES_PER_BLOCK, num_stages=NUM_STAGES):
+        block = tl.load(row_ptr + (split + (tile // TILES_PER_BLOCK) * num_splits) * sb_k)
         offset = (tile % TILES_PER_BLOCK) * BLOCK_N + within
         tokens = block * CHUNK + offset
-        # A -1 slot gives negative tokens; vector-only masks also suit the interpreter.
+        # A -1 inside the counted prefix (a caller breaking the layout) reads nothing; vector-only
+        # masks also suit the interpreter.
         ok = (tokens >= 0) & (offset < CHUNK) & (tokens < num_keys)
         if HAS_VALID:
             ok = ok & (tl.load(valid_ptr + b * sm_b + tokens * sm_l, mask=ok, other=0) != 0)
@@ -134,12 +155,10 @@ def _merge_splits_kernel(
     tl.store(out_ptr + b * so_b + head * so_h + dims_v * so_d, out.to(out_ptr.dtype.element_ty), mask=dims_v < DIM_V)
 
 
-def split_count(pairs: int, num_slots: int, device_index: Optional[int]) -> tuple[int, int]:
-    """(splits, slots per split): enough programs to fill the device, each at least one block."""
+def split_count(pairs: int, num_slots: int, device_index: Optional[int]) -> int:
+    """Programs per (row, KV head): enough to fill the device, no more than the slots."""
     target = PROGRAMS_PER_SM * runtime.multiprocessor_count(device_index)
-    splits = max(1, min(num_slots, ceil_div(target, pairs)))
-    per_split = ceil_div(num_slots, splits)
-    return ceil_div(num_slots, per_split), per_split
+    return max(1, min(num_slots, ceil_div(target, pairs)))
 
 
 def tile_config(chunk_size: int, dim: int, dim_v: int) -> tuple[int, int, int]:
@@ -162,7 +181,7 @@ def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sc
         return out.zero_()
     block_g = max(16, runtime.next_power_of_2(groups))
     block_dv = max(16, runtime.next_power_of_2(dim_v))
-    splits, per_split = split_count(batch * kv_heads, num_slots, runtime.device_index(query))
+    splits = split_count(batch * kv_heads, num_slots, runtime.device_index(query))
     block_n, num_warps, num_stages = tile_config(chunk_size, dim, dim_v)
     parts = batch * kv_heads * splits * block_g
     acc = torch.empty((parts, block_dv), dtype=torch.float32, device=query.device)
@@ -175,7 +194,7 @@ def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sc
     fp32_dot = query.dtype == torch.float32 or runtime.INTERPRETING
     _sparse_decode_split_kernel[(batch * kv_heads, splits)](
         query, key, value, blocks, valid_arg, bias_arg, acc, maxes, sums,
-        kv_heads, num_keys, num_slots, per_split, splits,
+        kv_heads, num_keys, num_slots, splits,
         dim ** -0.5 if scale is None else scale, 1.0 if softcap is None else softcap,
         query.stride(0), query.stride(1), query.stride(3),
         *key.stride(), *value.stride(), *blocks.stride(),
@@ -185,7 +204,7 @@ def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sc
         DIM_V=dim_v, BLOCK_DV=block_dv, CHUNK=chunk_size, BLOCK_N=block_n,
         TILES_PER_BLOCK=ceil_div(chunk_size, block_n), HAS_VALID=valid is not None,
         HAS_BIAS=attn_bias is not None, BIAS_PER_HEAD=attn_bias is not None and attn_bias.shape[1] > 1,
-        HAS_SOFTCAP=softcap is not None, FP32_DOT=fp32_dot, NUM_STAGES=num_stages,
+        HAS_SOFTCAP=softcap is not None, FP32_DOT=fp32_dot, NUM_STAGES=num_stages, COUNT_TILE=COUNT_TILE,
         num_warps=num_warps,
     )
     _merge_splits_kernel[(batch * q_heads,)](
