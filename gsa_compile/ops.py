@@ -172,20 +172,33 @@ def _check_site(query, key, value, key_codes, weight, chunk_size, top_k_ratio, b
         )
 
 
+@torch.library.custom_op("gsa::no_backward", mutates_args=())
+def no_backward(grad: Tensor, size: Sequence[int], op_name: str) -> Tensor:
+    """What the backward of a gsa op computes: an error, raised when the backward runs (a
+    compiled graph traces it through the fake implementation and raises only if it is used)."""
+    raise GSAError(
+        f"{op_name} has no backward: GSA ops are inference-only (decode with a KV cache); run training or "
+        f"fine-tuning on the original model, or wrap inference in torch.no_grad()"
+    )
+
+
+@no_backward.register_fake
+def _no_backward_fake(grad, size, op_name):
+    return grad.new_empty(size)
+
+
 def _refuse_backward(op_name: str):
     def backward(ctx, *grads):
-        raise GSAError(
-            f"{op_name} has no backward: GSA ops are inference-only (decode with a KV cache); run "
-            f"training or fine-tuning on the original model, or wrap inference in torch.no_grad()"
-        )
+        grad = next(g for g in grads if g is not None)
+        return tuple(None if size is None else no_backward(grad, size, op_name) for size in ctx.sizes)
 
     return backward
 
 
-def _no_context(ctx, inputs, output):
-    return None
+def _input_sizes(ctx, inputs, output):
+    ctx.sizes = [list(t.shape) if isinstance(t, Tensor) and t.is_floating_point() else None for t in inputs]
 
 
 for _op, _name in ((select_blocks, "gsa::select_blocks"), (sparse_attention, "gsa::sparse_attention"),
                    (attention, "gsa::attention")):
-    _op.register_autograd(_refuse_backward(_name), setup_context=_no_context)
+    _op.register_autograd(_refuse_backward(_name), setup_context=_input_sizes)

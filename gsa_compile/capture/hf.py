@@ -12,8 +12,10 @@ a GSA site per attention module (hf_sites) and a codes state in its KV cache (hf
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
+import types
 from typing import Optional, Union
 
 from torch import nn
@@ -86,7 +88,7 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
             f"{model_name} did not accept attention implementation {implementation!r} (it does not route "
             f"attention through transformers' AttentionInterface)"
         )
-    model._gsa_hook = model.register_forward_pre_hook(_begin_step, with_kwargs=True)
+    model.forward = types.MethodType(_stepping_forward(type(model).forward), model)
     model.gsa_runtime = runtime
     model.gsa_report = report
     logger.info("GSA on %s:\n%s", model_name, report.table())
@@ -101,10 +103,7 @@ def restore_transformers(model: nn.Module, runtime: Optional[GSARuntime] = None)
             delattr(module, SITE_ATTRIBUTE)
     if model.config._attn_implementation != runtime.original_implementation:
         model.set_attn_implementation(runtime.original_implementation)
-    hook = getattr(model, "_gsa_hook", None)
-    if hook is not None:
-        hook.remove()
-    for name in ("_gsa_hook", "gsa_runtime", "gsa_report"):
+    for name in ("forward", "gsa_runtime", "gsa_report"):
         if name in model.__dict__:
             delattr(model, name)
     return model
@@ -144,13 +143,24 @@ def _build_site(runtime: GSARuntime, module: nn.Module, layer: int, policy: str,
     return GSASite(runtime, layer, policy, site_shape(module), dense_fn, key_builder=key_builder, note=note)
 
 
-def _begin_step(model: nn.Module, args, kwargs):
-    """Forward pre-hook of an optimized model: give the call's cache its codes layers and the
-    call its DecodeStep. It reads the runtime from the model it runs on, so a copy of the model
-    (copy.deepcopy) drives its own sites."""
+def _stepping_forward(forward):
+    """The optimized model's forward: _begin_step, then the class's own forward. An instance
+    attribute rather than a hook, so torch.compile(model.forward) by hand gets it too; it keeps
+    the original signature (transformers inspects it) and reads the runtime from the model it
+    is bound to, so a copy of the model (copy.deepcopy) drives its own sites."""
+
+    @functools.wraps(forward)
+    def stepping_forward(self, *args, **kwargs):
+        return forward(self, *args, **_begin_step(self, kwargs))
+
+    return stepping_forward
+
+
+def _begin_step(model: nn.Module, kwargs: dict) -> dict:
+    """Give the call's cache its codes layers and the call its DecodeStep."""
     runtime = getattr(model, "gsa_runtime", None)
     if runtime is None or not runtime.enabled:
-        return None
+        return kwargs
     # Plain loops: this runs inside compiled decode steps, where dynamo traces no generators.
     cache = None
     for name in CACHE_ARGUMENTS:
@@ -159,8 +169,8 @@ def _begin_step(model: nn.Module, args, kwargs):
     if cache is not None:
         attach_codes(cache, runtime)
     if kwargs.get(hf_attention.STEP_KWARG) is None and runtime.forward_takes_kwargs:
-        kwargs[hf_attention.STEP_KWARG] = hf_attention.DecodeStep(runtime, cache)
-    return args, kwargs
+        kwargs = {**kwargs, hf_attention.STEP_KWARG: hf_attention.DecodeStep(runtime, cache)}
+    return kwargs
 
 
 def _takes_kwargs(model: nn.Module) -> bool:

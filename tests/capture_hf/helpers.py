@@ -19,11 +19,12 @@ def gsa_config(model, *, budget_tokens=4096, layers=4, **overrides) -> GSAConfig
     if layers > 2:
         reuse[2] = 1
     base = GSAConfig.for_model(model)
-    return base.replace(
+    fields = dict(
         chunk_size=CHUNK, top_k_ratio_per_layer=ratios, top_k_index_reuse=reuse, budget_tokens=budget_tokens,
         must_select_blocks=[0, -1], cpu_seq_len_threshold=0, cpu_concurrency_threshold=0,
-        gpu_seq_len_threshold=0, gpu_concurrency_threshold=0, **overrides,
+        gpu_seq_len_threshold=0, gpu_concurrency_threshold=0,
     )
+    return base.replace(**{**fields, **overrides})
 
 
 def decode_logits(model, prompt, steps, cache=None, attention_mask=None):

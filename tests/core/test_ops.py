@@ -5,6 +5,7 @@ import torch
 
 from gsa_compile import functional as F
 from gsa_compile import ops
+from gsa_compile.errors import GSAError
 
 
 def site_inputs(batch=2, q_heads=4, kv_heads=2, keys=70, dim=32, chunk=16, seed=0):
@@ -101,3 +102,12 @@ def test_per_head_bool_mask_is_honoured_in_sparse_path():
     out, _ = torch.ops.gsa.attention(*attention_args(query, key, value, weight, mask, budget_tokens=64))
     dense = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_under_grad_works_and_backward_says_why_not():
+    query, key, value, weight = site_inputs()
+    query.requires_grad_(True)
+    out, _ = torch.ops.gsa.attention(*attention_args(query, key, value, weight))
+    assert out.requires_grad
+    with pytest.raises(GSAError, match="inference-only"):
+        out.sum().backward()
