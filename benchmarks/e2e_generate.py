@@ -243,12 +243,13 @@ def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: floa
                         rewind(cache, prompt - 1)
                     calls = sparse_calls(model)
                     seconds, tokens = generate_seconds(model, ids, mask, cache, args.new_tokens, compiled, device)
-                    rewind(cache, prompt - 1)
                     calls = sparse_calls(model) - calls
             except Exception as exc:  # one path failing must not lose the others' numbers
                 print(f"  {path}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
                 results[path] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
                 return
+            finally:
+                rewind(cache, prompt - 1)
             best = results.get(path, {}).get("seconds", math.inf)
             if seconds < best:
                 results[path] = {"seconds": seconds, "tokens": tokens, "sparse_calls": calls}

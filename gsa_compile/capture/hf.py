@@ -79,7 +79,10 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
             gqa_groups=site.shape.query_heads // site.shape.kv_heads, note=note,
         ))
     for layer, (_, module) in by_layer.items():
-        module.add_module(SITE_ATTRIBUTE, runtime.sites[layer])
+        # On the module's device from the start: its hash weight and counters are read there.
+        parameter = next(module.parameters(), None)
+        site = runtime.sites[layer] if parameter is None else runtime.sites[layer].to(parameter.device)
+        module.add_module(SITE_ATTRIBUTE, site)
 
     model.set_attn_implementation(implementation)
     if model.config._attn_implementation != implementation:
