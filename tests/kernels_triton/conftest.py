@@ -1,8 +1,8 @@
 """Triton kernel tests run in two modes:
 
 - default (CI, no GPU): CPU tensors through the Triton interpreter at small sizes;
-- GSA_TRITON_DEVICE=cuda: the same tests on the GPU at real sizes (run there by hand or by
-  benchmarks/gpu_bench.py's --tests switch).
+- GSA_TRITON_DEVICE=cuda: the same tests on the GPU at real sizes (run there by hand:
+  GSA_TRITON_DEVICE=cuda python -m pytest -q tests/kernels_triton).
 
 Triton picks interpret or compile when a kernel is decorated, so the switch has to be set
 before anything imports gsa_compile.kernels.triton: pytest imports conftest files while

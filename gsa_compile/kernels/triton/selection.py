@@ -3,11 +3,12 @@ a top-k per (batch row, KV head) that needs no sort and no host synchronisation.
 
 The top-k holds a row's block scores in registers. It resolves the must-select blocks against
 the row's own length (its last block with a valid token: a static cache's unused tail does not
-move the recent window) and caps the row at its `limit` entry when one is given. It finds the k-th largest score by building its order-preserving integer key a few
-bits at a time (each pass counts the row against 8 or 16 candidate thresholds at once, all in
-registers: 3 passes for plain max/min scores of 4 heads x 128 bits, 21 for float scores),
-takes every block above it and the lowest-indexed blocks equal to it (ties to the lower
-index, as the reference's stable sort), and writes the chosen indices in ascending order by a prefix sum, -1 after them.
+move the recent window) and caps the row at its `limit` entry when one is given. It finds the
+k-th largest score by building its order-preserving integer key a few bits at a time (each pass
+counts the row against 8 or 16 candidate thresholds at once, all in registers: 3 passes for
+plain max/min scores of 4 heads x 128 bits, 21 for float scores), takes every block above it
+and the lowest-indexed blocks equal to it (ties to the lower index, as the reference's stable
+sort), and writes the chosen indices in ascending order by a prefix sum, -1 after them.
 Output size is fixed by num_blocks, so the whole selection replays inside a CUDA graph."""
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _top_blocks_kernel(
     selectable = scores > float("-inf")
     # The row's length in blocks: up to its last block with a valid token.
     row_blocks = tl.max(tl.where(selectable, index + 1, 0), axis=0)
-    must = _is_must(index, row_blocks, must_lo, MUST_LO, FIELD_BITS) | _is_must(index, row_blocks, must_hi, MUST_HI, FIELD_BITS)
+    must = (_is_must(index, row_blocks, must_lo, MUST_LO, FIELD_BITS)
+            | _is_must(index, row_blocks, must_hi, MUST_HI, FIELD_BITS))
     scores = tl.where(must & selectable, float("inf"), scores)
     wanted = tl.minimum(num_blocks, tl.sum(selectable.to(tl.int32), axis=0))
     if HAS_LIMIT:
@@ -113,6 +115,7 @@ def _pack_must(must_select: Sequence[int], n_blocks: int) -> tuple[int, int, int
 
 
 def must_values(must_select: Sequence[int], n_blocks: int) -> list[int]:
+    """The distinct must-select indices some row of n_blocks blocks can resolve, in order."""
     return list(dict.fromkeys(m for m in must_select if -n_blocks <= m < n_blocks))
 
 
