@@ -135,7 +135,7 @@ def geometry_table(rows) -> str:
     """Markdown: one line per geometry, batch, cache length and budget (GSA against dense)."""
     dense = {(r["q_heads"], r["kv_heads"], r["batch"], r["keys"]): r for r in rows if r["version"] == "dense"}
     lines = ["| q / KV heads (group) | batch | keys | budget | dense us | GSA us | GSA x | % of bytes floor | "
-             "select us | attend us | selection = reference |", "|" + " --- |" * 11]
+             "select us | block scores us (TB/s of codes) | attend us | selection = reference |", "|" + " --- |" * 12]
     for r in rows:
         if r["version"] != "gsa":
             continue
@@ -143,7 +143,9 @@ def geometry_table(rows) -> str:
         lines.append(
             f"| {r['q_heads']} / {r['kv_heads']} ({r['q_heads'] // r['kv_heads']}) | {r['batch']} | {r['keys'] // 1024}K "
             f"| {r['budget']} | {base['ms'] * 1e3:.1f} | {r['ms'] * 1e3:.1f} | {r['speedup']:.2f}x "
-            f"| {r['floor_fraction'] * 100:.0f}% | {r['select_graph_ms'] * 1e3:.1f} | {r['attend_graph_ms'] * 1e3:.1f} "
+            f"| {r['floor_fraction'] * 100:.0f}% | {r['select_graph_ms'] * 1e3:.1f} "
+            f"| {r['scores_graph_ms'] * 1e3:.1f} ({r['codes_bytes'] / r['scores_graph_ms'] / 1e9:.2f}) "
+            f"| {r['attend_graph_ms'] * 1e3:.1f} "
             f"| {_yes_no(r.get('selection_equal'))} |")
     return "\n".join(lines)
 
@@ -281,12 +283,14 @@ class Bench:
             gsa_ms = self.median_ms(gsa)
             gsa_graph_ms, _ = self.graph_ms(gsa)
             select_graph_ms, _ = self.graph_ms(select)
+            scores_graph_ms = self.scores_graph_ms(query, codes, weight)
             attend_graph_ms, _ = self.graph_ms(
                 lambda: F.sparse_attention(query, key, value, blocks, chunk_size=CHUNK))
             check = {} if "check" in skip else self.check(query, key, value, codes, weight, blocks, k)
             gsa_bytes = code_bytes + selected_bytes + io_bytes + batch * hkv * (-(-num_keys // CHUNK)) * 8
             rows.append(self._row("gsa", batch, num_keys, label, min(gsa_ms, gsa_graph_ms), gsa_bytes, baseline,
                                   eager_ms=gsa_ms, graph_ms=gsa_graph_ms, select_graph_ms=select_graph_ms,
+                                  scores_graph_ms=scores_graph_ms, codes_bytes=code_bytes,
                                   attend_graph_ms=attend_graph_ms, blocks=k, **check))
             if "flex" not in skip:
                 rows.append(self._flex_row(query, key, value, blocks, batch, num_keys, label, selected_bytes + io_bytes,
@@ -303,6 +307,15 @@ class Bench:
         del naive_codes
         torch.cuda.empty_cache()
         return rows
+
+    def scores_graph_ms(self, query, codes, weight) -> float:
+        """The block-score kernel alone (max over tokens, no mask), from the query's planes."""
+        from ..kernels.triton import block_scores, hash_encode
+
+        planes = hash_encode.query_planes(query, weight)
+        groups = self.q_heads // self.kv_heads
+        ms, _ = self.graph_ms(lambda: block_scores.block_scores(planes, codes, None, None, CHUNK, "max", groups))
+        return ms
 
     def _row(self, version, batch, num_keys, budget, ms, bytes_moved, baseline, **extra) -> dict:
         floor_ms = bytes_moved / self.bandwidth * 1e3
