@@ -5,12 +5,13 @@ handle optimize attaches); nothing outside it refers to it. It keeps two kinds o
 (codes or key norms) entries:
 
 - Static caches (cache.index_copy_(2, index, new), slice assignment into a fixed buffer): a
-  buffer of the cache's shape, created once per (site, cache) and encoded whole from the cache's
-  contents when the first graph is built. Every graph of the model that updates that cache holds
-  the same buffer as a graph-module buffer (torch.compile graphs: AOT autograd lifts it as a
-  static input of fixed address; exported programs: a mutated buffer) and writes the codes of
-  `new` into it in place, in the graph (store_static_codes). No Python runs at a step, so the
-  update replays inside a CUDA graph, and the decode graph does not change between steps.
+  buffer of the cache's shape, encoded whole from the cache's contents when the first graph that
+  updates the cache is built, and carried by the cache tensor itself (static_codes_of), so every
+  graph that updates that cache, whichever compile made it, finds the same buffer. Each graph
+  holds it as a graph-module buffer (torch.compile graphs: AOT autograd lifts it as a static
+  input of fixed address; exported programs: a mutated buffer) and writes the codes of `new`
+  into it in place, in the graph (store_static_codes). No Python runs at a step, so the update
+  replays inside a CUDA graph, and the decode graph does not change between steps.
 - Growing caches (torch.cat([past, new], dim=2)): the cache has a new shape every step, so no
   graph replays it. gsa::cached_codes_cat keeps the codes of `past` from the previous call in the
   state the running graph activated (CodesState.active: the compiled callable of a torch.compile
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 PER_KEY_QUANTITIES = ("codes", "norms")
 
+# The attribute of a static cache tensor that holds its StaticCodes.
+_CACHE_ATTRIBUTE = "_gsa_static_codes"
 # The state of the graph running now (set by CodesState.active for the length of one call).
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("gsa_codes_state", default=None)
 
@@ -86,15 +89,19 @@ class CodesState:
         return self.counters[device]
 
     def static_buffer(self, site: int, what: str, cache: Tensor, weight: Tensor) -> Tensor:
-        """The codes buffer mirroring `cache` for `site`: the one other graphs of this model
-        already write, or a new one encoded from the cache's contents."""
-        entry = self.static.get((site, what))
-        if entry is None or entry.cache is not cache:
+        """The codes buffer mirroring `cache` with `weight`: the one the cache already carries
+        (other graphs of the model write it, whichever state built them), or a new one encoded
+        from the cache's contents."""
+        entry = next((e for e in static_codes_of(cache) if e.what == what and e.weight.shape == weight.shape
+                      and e.weight.device == weight.device and torch.equal(e.weight, weight)), None)
+        if entry is None:
             with torch.no_grad():
-                buffer = per_key(cache, weight, what)
+                entry = StaticCodes(cache, weight, what, per_key(cache, weight, what))
             if what == "codes":
                 self.host_keys_encoded += keys_in(cache)
-            entry = self.static[(site, what)] = StaticCodes(cache, weight, what, buffer)
+            # The codes live with the cache they mirror and go when it goes.
+            cache.__dict__.setdefault(_CACHE_ATTRIBUTE, []).append(entry)
+        self.static[(site, what)] = entry
         return entry.buffer
 
     def refresh(self) -> None:
@@ -106,8 +113,13 @@ class CodesState:
                 entry.buffer.copy_(per_key(entry.cache, entry.weight, entry.what))
 
     def release(self) -> None:
-        """Drop every stored code, codes buffer and hash weight this state holds."""
+        """Drop every stored code, codes buffer and hash weight this state holds (graphs built
+        on them must not run again)."""
         self.growing.clear()
+        for entry in self.static.values():
+            owned = static_codes_of(entry.cache)
+            if entry in owned:
+                owned.remove(entry)
         self.static.clear()
         self.hash_weights.clear()
 
@@ -119,6 +131,11 @@ class CodesState:
             yield self
         finally:
             _ACTIVE.reset(token)
+
+
+def static_codes_of(cache: Tensor) -> list:
+    """The StaticCodes buffers that mirror `cache` (one per hash weight and quantity)."""
+    return cache.__dict__.get(_CACHE_ATTRIBUTE, [])
 
 
 def keys_in(keys: Tensor) -> int:
