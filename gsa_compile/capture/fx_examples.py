@@ -169,9 +169,11 @@ class StaticCacheDecoder(nn.Module):
         self.head = nn.Linear(hidden, vocab, bias=False, **factory)
         self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
 
-    def forward(self, ids, positions):
+    def forward(self, ids, positions, mask_tail: bool = True):
+        """mask_tail=False attends every slot, the unused tail too (a dense baseline reading the
+        same cache that SDPA can run on its flash path)."""
         x = self.embed(ids)
-        keep = self.slots[None, :] <= positions[:, None]
+        keep = self.slots[None, :] <= positions[:, None] if mask_tail else None
         for attn, mlp, attn_norm, mlp_norm in zip(self.layers, self.mlps, self.attn_norms, self.mlp_norms):
             x = x + attn(attn_norm(x), positions, keep)
             x = x + mlp(mlp_norm(x))
