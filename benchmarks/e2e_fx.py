@@ -24,6 +24,7 @@ import sys
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 from gsa_compile import GSAConfig
 from gsa_compile.capture.dynamo_backend import gsa_backend
@@ -95,10 +96,15 @@ def measure(args, batch: int, prompt: int, device: str) -> list:
                           generator=torch.Generator(device).manual_seed(1))
     position = torch.tensor([prompt], device=device)
     logits = {}
+    counters.clear()
     for name, run in runners.items():
         for _ in range(args.warmup):  # compile, then CUDA graph recording
             logits[name] = run(token, position).float().clone()
     sync(device)
+    compiled = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+                "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    if compiled["graph_breaks"] or (mode and compiled["cudagraph_skips"]):
+        print(f"warning: batch {batch} prompt {prompt}: {compiled}", file=sys.stderr)
     times = {name: [] for name in runners}
     names = list(runners)
     for round_index in range(args.rounds):
@@ -111,6 +117,7 @@ def measure(args, batch: int, prompt: int, device: str) -> list:
                 run(token, position)
             sync(device)
             times[name].append((time.perf_counter() - started) / args.steps)
+    compiled["graphs_after_timing"] = counters["stats"]["unique_graphs"]
     keys = prompt + 1
     rows = []
     for name in runners:
@@ -128,6 +135,7 @@ def measure(args, batch: int, prompt: int, device: str) -> list:
     gsa_row["speedup_vs_strongest_dense"] = min(row["ms_per_step"] for row in rows[:-1]) / gsa_row["ms_per_step"]
     gsa_row["next_token_agreement"] = (logits["gsa"].argmax(-1) == logits["dense"].argmax(-1)).float().mean().item()
     gsa_row["max_abs_logit_diff"] = (logits["gsa"] - logits["dense"]).abs().max().item()
+    gsa_row["compiled"] = compiled
     gsa_row["sites"] = [(site.layer, site.policy, site.note) for site in reports[-1].sites] if reports else []
     del runners, dense, gsa, model
     torch._dynamo.reset()
@@ -136,7 +144,7 @@ def measure(args, batch: int, prompt: int, device: str) -> list:
     return rows
 
 
-def main(argv=None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small model on the CPU (smoke run)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32, tiny 6)")
@@ -152,7 +160,10 @@ def main(argv=None) -> int:
     parser.add_argument("--bandwidth-gbs", type=float, default=H200_BANDWIDTH_GBS,
                         help="memory bandwidth for the bytes floor (GB/s)")
     parser.add_argument("--out", default="e2e_fx_out")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
     tiny = args.tiny
     args.layers = args.layers or (6 if tiny else 32)
     args.budget = args.budget or (64 if tiny else 2048)
@@ -160,6 +171,21 @@ def main(argv=None) -> int:
     args.steps = args.steps or (3 if tiny else 20)
     args.rounds = args.rounds or (1 if tiny else 3)
     args.configs = args.configs or ("2x256" if tiny else "8x32768,8x65536")
+    return args
+
+
+def fx_rows(batch: int, prompt: int, **options) -> list:
+    """The rows of one batch x prompt point (for other benchmarks): options are this script's
+    flags with underscores (tiny=True, layers=8, budget=2048, steps=20, ...)."""
+    args = argument_parser().parse_args([])
+    vars(args).update(options)
+    args = with_defaults(args)
+    return measure(args, batch, prompt, "cpu" if args.tiny else "cuda")
+
+
+def main(argv=None) -> int:
+    args = with_defaults(argument_parser().parse_args(argv))
+    tiny = args.tiny
     device = "cpu" if tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --tiny for the CPU smoke run", file=sys.stderr)

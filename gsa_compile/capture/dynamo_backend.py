@@ -23,6 +23,7 @@ it works without importing gsa_compile first. Options:
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -79,18 +80,33 @@ def gsa_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = No
     compiled = hand_on(gm, example_inputs, compiler, mode)
     if not any(kind == "cat" for _, _, kind in context.codes.values()):
         return compiled
-    return _with_active_state(compiled, state)
+    return _with_active_state(compiled, state, context.growing_links)
 
 
-def _with_active_state(compiled, state: CodesState):
-    """`compiled`, run with `state` active: its gsa::cached_codes_cat calls keep their codes there."""
+def _with_active_state(compiled, state: CodesState, links: list):
+    """`compiled`, run with `state` active: its gsa::cached_codes_cat calls keep their codes
+    there. links: (site, input index of past, output index of the cat result); a call's past
+    is known to be the site's stored keys when it is the tensor the last call returned, not
+    modified since (identity and version counter: no device read), whichever of the model's
+    graphs returned it."""
+    boxed = getattr(compiled, "_boxed_call", False)
+    returned = state.returned_keys  # shared: the prefill and the decode step are two graphs
 
     def run(*args):
-        with state.active():
-            return compiled(*args)
+        inputs = args[0] if boxed else args
+        known = {}
+        for site, past_index, _ in links:
+            past, last = inputs[past_index], returned.get(site)
+            known[site] = last is not None and last[0]() is past and past._version == last[1]
+        with state.active(known):
+            outputs = compiled(*args)
+        for site, _, key_index in links:
+            key = outputs[key_index]
+            returned[site] = (weakref.ref(key), key._version)
+        return outputs
 
     # Dynamo calls a compiled function that takes its inputs as one list with that list.
-    run._boxed_call = getattr(compiled, "_boxed_call", False)
+    run._boxed_call = boxed
     return run
 
 

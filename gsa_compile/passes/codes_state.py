@@ -16,10 +16,13 @@ handle optimize attaches); nothing outside it refers to it. It keeps two kinds o
   graph replays it. gsa::cached_codes_cat keeps the codes of `past` from the previous call in the
   state the running graph activated (CodesState.active: the compiled callable of a torch.compile
   graph does it; an exported program runs inside `with state.active():`) and encodes only `new`.
-  The stored codes are trusted only if they have past's batch, heads and length and the code of
-  past's last key equals the stored last code; otherwise (a new sequence, a reordered beam) past
-  is encoded once and the event is counted and logged. Outside an active state of its own the op
-  encodes past whole (exact, not once per key).
+  The stored codes are trusted when they have past's batch, heads and length and past is the
+  key tensor the graph returned last time, unmodified (the compiled callable checks this on the
+  host, from the tensors' identity and version counters); when that cannot be told (past is not
+  a graph input, the cat result not an output, an exported program) the code of past's last key
+  is compared with the stored last code (a device read). Otherwise (a new sequence, a reordered
+  beam) past is encoded once and the event is counted and logged. Outside an active state of
+  its own the op encodes past whole (exact, not once per key).
 `what` selects the per-key quantity: "codes" (gsa::encode with the layer's hash weight) or
 "norms" (key L2 norms, for key-norm weighted scores)."""
 
@@ -64,6 +67,7 @@ class CodesState:
 
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     growing: dict = field(default_factory=dict)  # (site, what) -> codes of the last cat result
+    returned_keys: dict = field(default_factory=dict)  # site -> (weakref to the last cat result, its version)
     static: dict = field(default_factory=dict)  # (site, what) -> StaticCodes
     hash_weights: dict = field(default_factory=dict)  # site -> float32 [Hkv, D, R]
     counters: dict = field(default_factory=dict)  # device -> int64 scalar: keys encoded by static updates
@@ -108,6 +112,7 @@ class CodesState:
         """Encode every static cache whole again (after it was written outside the rewritten
         graphs) and forget the stored codes of growing caches."""
         self.growing.clear()
+        self.returned_keys.clear()
         with torch.no_grad():
             for entry in self.static.values():
                 entry.buffer.copy_(per_key(entry.cache, entry.weight, entry.what))
@@ -116,6 +121,7 @@ class CodesState:
         """Drop every stored code, codes buffer and hash weight this state holds (graphs built
         on them must not run again)."""
         self.growing.clear()
+        self.returned_keys.clear()
         for entry in self.static.values():
             owned = static_codes_of(entry.cache)
             if entry in owned:
@@ -124,13 +130,24 @@ class CodesState:
         self.hash_weights.clear()
 
     @contextlib.contextmanager
-    def active(self) -> Iterator["CodesState"]:
-        """Make gsa::cached_codes_cat of this state's graphs read and store codes here."""
-        token = _ACTIVE.set(self)
+    def active(self, known_pasts: Optional[dict] = None) -> Iterator["CodesState"]:
+        """Make gsa::cached_codes_cat of this state's graphs read and store codes here for the
+        calls inside the block. known_pasts: site -> whether the call's past keys are the keys
+        the site's stored codes were made for (the caller checked on the host: the tensor this
+        state's last call returned, unmodified since); sites not in it compare one code."""
+        token = _ACTIVE.set(_Call(self, known_pasts or {}))
         try:
             yield self
         finally:
             _ACTIVE.reset(token)
+
+
+@dataclass(eq=False)
+class _Call:
+    """What one call of a graph with growing caches brings to its gsa::cached_codes_cat ops."""
+
+    state: CodesState
+    known_pasts: dict
 
 
 def static_codes_of(cache: Tensor) -> list:
@@ -177,19 +194,26 @@ def cached_codes_cat(past: Tensor, new: Tensor, weight: Tensor, state_id: str, s
     """Codes (or norms) of cat([past, new], dim=2), encoding only `new` when the active state
     (the one with id state_id) holds past's."""
     fresh = per_key(new, weight, what)
-    state = _ACTIVE.get()
-    state = state if state is not None and state.id == state_id else None
+    call = _ACTIVE.get()
+    state = call.state if call is not None and call.state.id == state_id else None
     counted = keys_in(new)
     past_len = past.shape[2] if past.dim() == 4 else 0
     if past_len == 0:
         result = fresh
     else:
         stored = None if state is None else state.growing.get((site, what))
-        if not _stored_matches(stored, past, weight, what):
+        if stored is None or tuple(stored.shape[:3]) != tuple(past.shape[:3]) or stored.device != past.device:
+            trusted = False
+        elif site in call.known_pasts:
+            trusted = call.known_pasts[site]
+        else:
+            trusted = _codes_match(stored, past, weight, what)
+        if not trusted:
             if state is not None:
                 logger.info("GSA site %d: stored %s do not match the past keys (new sequence or reordered cache); "
                             "encoding %d past keys once", site, what, past_len)
-                state.full_reencodes += 1
+                if what == "codes":
+                    state.full_reencodes += 1
             counted += keys_in(past)
             stored = per_key(past, weight, what)
         result = torch.cat([stored, fresh], dim=2)
@@ -200,9 +224,8 @@ def cached_codes_cat(past: Tensor, new: Tensor, weight: Tensor, state_id: str, s
     return result
 
 
-def _stored_matches(stored, past: Tensor, weight: Tensor, what: str) -> bool:
-    if stored is None or tuple(stored.shape[:3]) != tuple(past.shape[:3]) or stored.device != past.device:
-        return False
+def _codes_match(stored: Tensor, past: Tensor, weight: Tensor, what: str) -> bool:
+    """Whether the stored codes' last entry is the code of past's last key (reads the device)."""
     return torch.equal(stored[:, :, -1:], per_key(past[:, :, -1:], weight, what))
 
 

@@ -36,6 +36,8 @@ class PassContext:
     rewrite_order: list = field(default_factory=list)  # non-dense layers, reuse sources first
     weights: dict = field(default_factory=dict)  # layer -> get_attr node of its hash weight
     codes: dict = field(default_factory=dict)  # layer -> (codes node, norms node or None, cache kind)
+    # (layer, placeholder index of past, flat output index of cat([past, new])) of growing caches
+    growing_links: list = field(default_factory=list)
     numbering: str = ""  # how layers were numbered: "module_path" or "graph_order"
     parameter_names: dict = field(default_factory=dict)  # id(parameter tensor) -> qualified name
 

@@ -126,6 +126,15 @@ def _hash_weight(context: PassContext, layer: int, heads: int, key_dim: int, dev
     return weight
 
 
+def _link_growing(gm: fx.GraphModule, context: PassContext, layer: int, past: fx.Node, key: fx.Node) -> None:
+    """Record where a growing cache's past enters and its cat result leaves the graph, when
+    both do, so the compiled callable can tell whether a call's past is its last result."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    outputs = torch.utils._pytree.tree_leaves(gm.graph.output_node().args[0])
+    if past in placeholders and key in outputs:
+        context.growing_links.append((layer, placeholders.index(past), outputs.index(key)))
+
+
 def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
     if not context.rewrite:
         return gm
@@ -148,6 +157,7 @@ def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModu
         made = []
         with gm.graph.inserting_before(match.output):
             if kind == "cat":
+                _link_growing(gm, context, layer, operands[0], match.key)
                 for what in quantities:
                     made.append(gm.graph.call_function(torch.ops.gsa.cached_codes_cat.default,
                                                        (*operands, context.weights[layer], state.id, layer, what)))
