@@ -27,6 +27,7 @@ from .context import PassContext
 from .fx_utils import arg, is_op, normalize_dim, shape, value
 
 SEQUENCE_DIM = 2
+STATIC_CODES_PREFIX = "gsa_static_"
 
 
 def cache_update_of(match, order: dict):
@@ -86,6 +87,15 @@ def _index_copy(update: fx.Node, cache: fx.Node):
     return "index_copy", cache, index, new
 
 
+def static_codes_buffer_name(layer: int, what: str) -> str:
+    return f"{STATIC_CODES_PREFIX}{what}_{layer}"
+
+
+def is_static_codes_buffer(name: str) -> bool:
+    """Whether a graph-module buffer name is a static cache's codes (or norms) buffer."""
+    return name.rsplit(".", 1)[-1].startswith(tuple(f"{STATIC_CODES_PREFIX}{what}_" for what in ("codes", "norms")))
+
+
 def attach(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
     """A get_attr node of `tensor` registered as buffer `name` of gm. A graph dynamo captured
     also gets a source for it, which AOT autograd needs to lift the buffer as a (static) input."""
@@ -140,6 +150,8 @@ def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModu
         return gm
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
     by_layer = {match.layer: match for match in context.matches}
+    if not context.rewrite_order:
+        return gm
     quantities = ("codes", "norms") if context.config.key_norm_weighting else ("codes",)
     state = context.state
     for layer in context.rewrite_order:
@@ -172,7 +184,8 @@ def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModu
                     continue
                 counter = attach(gm, "gsa_keys_encoded", state.counter(real.device))
                 for what in quantities:
-                    buffer = attach(gm, f"gsa_{what}_{layer}", state.static_buffer(layer, what, real, weight))
+                    buffer = attach(gm, static_codes_buffer_name(layer, what),
+                                    state.static_buffer(layer, what, real, weight))
                     made.append(gm.graph.call_function(store_static_codes, (
                         buffer, index, new, context.weights[layer], counter if what == "codes" else None, what)))
         context.codes[layer] = (made[0], made[1] if len(made) > 1 else None, kind)
