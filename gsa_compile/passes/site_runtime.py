@@ -50,12 +50,11 @@ def gsa_site(
     elif key_codes is None:
         key_codes = ops.encode(key, weight)
         key_norms = functional.key_norms(key) if key_norm_weighting else None
-    # The gsa ops are inference-only (no backward): detached inputs let a graph captured with
-    # grad enabled compile, with no gradient through the site. A contiguous query (a few rows at
-    # decode) gives a dense-fallback output with the contiguous strides the op's fake declares,
-    # which compiled graphs check.
+    # The gsa ops are inference-only (their backward refuses): detached inputs let a graph
+    # captured with grad enabled compile (AOT autograd traces the backward when it compiles),
+    # with no gradient through the site.
     out, blocks = ops.attention(
-        query.detach().contiguous(), key.detach(), value.detach(), key_codes, weight, attn_mask,
+        query.detach(), key.detach(), value.detach(), key_codes, weight, attn_mask,
         None if key_norms is None else key_norms.detach(), reuse_blocks, is_causal, scale, softcap,
         chunk_size, top_k_ratio, budget_tokens, list(must_select), repre, scope, seq_len_threshold,
         concurrency_threshold,
