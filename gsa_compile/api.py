@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -22,7 +24,7 @@ from .report import Report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["optimize", "inspect", "export", "config_for_graph"]
+__all__ = ["optimize", "inspect", "export", "config_for_graph", "GSAHandle"]
 
 # Layer types (transformers config.layer_types) whose attention GSA leaves dense: the window
 # already bounds what they read.
@@ -58,17 +60,40 @@ def _derived_config(model: torch.nn.Module) -> Optional[GSAConfig]:
         return None
 
 
-def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "inductor") -> torch.nn.Module:
+@dataclass(eq=False)
+class GSAHandle:
+    """What optimize attaches to a plain module as `model.gsa`: the Report of every graph
+    compiled so far (reports), the codes state (codes: hash weights, codes buffers, keys
+    encoded), the config, and release()."""
+
+    config: Optional[GSAConfig]
+    reports: list = field(default_factory=list)
+    codes: CodesState = field(default_factory=CodesState)
+    _model: Any = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Undo optimize: the module runs its own forward again, uncompiled, and the codes
+        buffers and hash weights are dropped."""
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            model._compiled_call_impl = None
+            if model.__dict__.get("gsa") is self:
+                del model.gsa
+        self.codes.release()
+
+
+def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "inductor",
+             mode: Optional[str] = None) -> torch.nn.Module:
     """Make `model` use GSA attention, used exactly like before.
 
     transformers models go through the Hugging Face attention route
     (gsa_compile.capture.hf.optimize_transformers). Any other nn.Module is compiled in place
     (nn.Module.compile) with the "gsa" torch.compile backend, which rewrites its attention and
-    hands the graph to `compiler` ("inductor", "aot_eager" or "eager"); the same object is
-    returned. config: GSAConfig, shipped name, JSON path, or None (GSAConfig.for_model, re-derived
-    with the number of attention sites the graph holds). After the first call,
-    `model.gsa_reports` lists what each compiled graph rewrote; `model.gsa_codes_state` holds
-    the key codes of the cached keys."""
+    hands the graph to `compiler` ("inductor", "aot_eager" or "eager"), with torch.compile's
+    `mode` ("reduce-overhead": CUDA graphs, for decode steps over static caches); the same object
+    is returned, with `model.gsa` (a GSAHandle: reports, codes state, release()). config:
+    GSAConfig, shipped name, JSON path, or None (GSAConfig.for_model, re-derived with the number
+    of attention sites the graph holds)."""
     if _is_transformers_model(model):
         from .capture.hf import optimize_transformers
 
@@ -77,18 +102,18 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
         raise TypeError(f"optimize takes an nn.Module, got {type(model).__name__}")
     if compiler not in COMPILERS:
         raise GSAConfigError(f"compiler must be one of {list(COMPILERS)}, got {compiler!r}")
+    if isinstance(model.__dict__.get("gsa"), GSAHandle):
+        model.gsa.release()
     resolved = resolve_config_option(config)
     derived = resolved is None
     if derived:
         resolved = _derived_config(model)
-    reports: list = []
-    state = CodesState()
-    options = {"config": resolved, "config_derived": derived, "compiler": compiler, "reports": reports,
-               "parameter_names": parameter_names(model), "codes_state": state}
-    model.compile(backend=gsa_backend, options=options)
-    model.gsa_reports = reports
-    model.gsa_codes_state = state
-    weakref.finalize(model, state.release)
+    handle = GSAHandle(config=resolved, _model=weakref.ref(model))
+    options = {"config": resolved, "config_derived": derived, "compiler": compiler, "reports": handle.reports,
+               "parameter_names": parameter_names(model), "codes_state": handle.codes}
+    # torch.compile takes a mode or options, not both: the options travel with the backend.
+    model.compile(backend=functools.partial(gsa_backend, options=options), mode=mode)
+    model.gsa = handle
     return model
 
 

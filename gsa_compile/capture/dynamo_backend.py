@@ -4,6 +4,9 @@ then hand the graph on to a compiler (Inductor by default).
     torch.compile(model, backend="gsa")                                  # derived config
     torch.compile(model, backend="gsa", options={"config": "Qwen/Qwen3-4B"})
     torch.compile(model, backend="gsa", options={"config": cfg, "compiler": "aot_eager"})
+    torch.compile(model, backend=functools.partial(gsa_backend, options={"config": cfg}),
+                  mode="reduce-overhead")                                # CUDA graphs (torch.compile
+                                                                         # takes mode or options, not both)
 
 The backend is registered through the `torch_dynamo_backends` entry point in pyproject.toml, so
 it works without importing gsa_compile first. Options:
@@ -11,8 +14,8 @@ it works without importing gsa_compile first. Options:
     compiler    "inductor" (default), "aot_eager" or "eager": what runs the rewritten graph
     reports     a list; the Report of every compiled graph is appended to it
     codes_state a CodesState shared by every graph of this compiled model (created on first use
-                and kept in the options dict, so recompiles keep the codes already computed;
-                it stays registered until its release())
+                and kept in the options dict, so recompiles and graph breaks share the codes
+                buffers already made)
     config_derived  True when `config` was derived for the model (GSAConfig.for_model) and
                 may be re-derived with the number of sites found
     parameter_names id(parameter) -> qualified name in the model (parameter_names(model)), to
@@ -20,6 +23,7 @@ it works without importing gsa_compile first. Options:
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -66,14 +70,44 @@ def gsa_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = No
         config=resolve_config_option(options.get("config")),
         config_derived=bool(options.get("config_derived", False)),
         whole_model=False,
-        weights_as_constants=False,
         state=state,
+        example_inputs=list(example_inputs),
         parameter_names=options.get("parameter_names") or {},
     )
     gm = run_pipeline(gm, context)
     if options.get("reports") is not None:
         options["reports"].append(context.report)
-    return hand_on(gm, example_inputs, compiler, mode)
+    compiled = hand_on(gm, example_inputs, compiler, mode)
+    if not any(kind == "cat" for _, _, kind in context.codes.values()):
+        return compiled
+    return _with_active_state(compiled, state, context.growing_links)
+
+
+def _with_active_state(compiled, state: CodesState, links: list):
+    """`compiled`, run with `state` active: its gsa::cached_codes_cat calls keep their codes
+    there. links: (site, input index of past, output index of the cat result); a call's past
+    is known to be the site's stored keys when it is the tensor the last call returned, not
+    modified since (identity and version counter: no device read), whichever of the model's
+    graphs returned it."""
+    boxed = getattr(compiled, "_boxed_call", False)
+    returned = state.returned_keys  # shared: the prefill and the decode step are two graphs
+
+    def run(*args):
+        inputs = args[0] if boxed else args
+        known = {}
+        for site, past_index, _ in links:
+            past, last = inputs[past_index], returned.get(site)
+            known[site] = last is not None and last[0]() is past and past._version == last[1]
+        with state.active(known):
+            outputs = compiled(*args)
+        for site, _, key_index in links:
+            key = outputs[key_index]
+            returned[site] = (weakref.ref(key), key._version)
+        return outputs
+
+    # Dynamo calls a compiled function that takes its inputs as one list with that list.
+    run._boxed_call = boxed
+    return run
 
 
 def hand_on(gm: fx.GraphModule, example_inputs, compiler: str, mode: Optional[str] = None):

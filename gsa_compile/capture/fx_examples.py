@@ -1,5 +1,6 @@
 """Small built-in models for `gsa-compile inspect`, the examples and the tests: decoders whose
-attention the FX route must find, with a growing (cat) or a static (index_copy_) KV cache."""
+attention the FX route must find, with a growing (cat) or a static (index_copy_) KV cache
+(StaticCacheDecoder: a Llama-shaped decoder over static caches, for compiled decode steps)."""
 
 from __future__ import annotations
 
@@ -115,6 +116,79 @@ class StaticCacheAttention(nn.Module):
         keep = slots[None, :] <= positions[:, None]
         out = F.scaled_dot_product_attention(q, self.key_cache, self.value_cache, attn_mask=keep)
         return self.out(out.transpose(1, 2).reshape(batch, steps, hidden))
+
+
+class StaticKVAttention(nn.Module):
+    """Llama-style GQA self-attention (no rotary) over static K/V cache buffers
+    [batch, kv_heads, max_len, head_dim], written with index_copy_ at `positions`; `keep`
+    (bool, broadcastable to [B, H, T, max_len]) masks the unused tail."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, max_len: int, batch: int = 1,
+                 head_dim: Optional[int] = None, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.head_dim = head_dim or hidden // heads
+        factory = dict(dtype=dtype, device=device)
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=False, **factory)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False, **factory)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False, **factory)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False, **factory)
+        cache_shape = (batch, kv_heads, max_len, self.head_dim)
+        self.register_buffer("key_cache", torch.zeros(cache_shape, **factory), persistent=False)
+        self.register_buffer("value_cache", torch.zeros(cache_shape, **factory), persistent=False)
+
+    def forward(self, x, positions, keep):
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        self.key_cache.index_copy_(2, positions, k)
+        self.value_cache.index_copy_(2, positions, v)
+        out = F.scaled_dot_product_attention(q, self.key_cache, self.value_cache, attn_mask=keep, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class StaticCacheDecoder(nn.Module):
+    """A Llama-shaped decoder (embedding, pre-RMSNorm blocks of StaticKVAttention + SwiGLU MLP,
+    LM head) whose layers own static KV caches. forward(ids [B, T], positions int64 [T]) ->
+    logits; the mask (slot <= position) is built once per call on the device, so nothing in a
+    step depends on a host-side value that changes per step."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32, heads: int = 4, kv_heads: int = 2, layers: int = 2,
+                 intermediate: int = 64, max_len: int = 64, batch: int = 1, head_dim: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        factory = dict(dtype=dtype, device=device)
+        self.embed = nn.Embedding(vocab, hidden, **factory)
+        self.layers = nn.ModuleList(
+            StaticKVAttention(hidden, heads, kv_heads, max_len, batch, head_dim, dtype, device) for _ in range(layers))
+        self.mlps = nn.ModuleList(SwiGLU(hidden, intermediate, **factory) for _ in range(layers))
+        self.attn_norms = nn.ModuleList(nn.RMSNorm(hidden, **factory) for _ in range(layers))
+        self.mlp_norms = nn.ModuleList(nn.RMSNorm(hidden, **factory) for _ in range(layers))
+        self.norm = nn.RMSNorm(hidden, **factory)
+        self.head = nn.Linear(hidden, vocab, bias=False, **factory)
+        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
+
+    def forward(self, ids, positions, mask_tail: bool = True):
+        """mask_tail=False attends every slot, the unused tail too (a dense baseline reading the
+        same cache that SDPA can run on its flash path)."""
+        x = self.embed(ids)
+        keep = self.slots[None, :] <= positions[:, None] if mask_tail else None
+        for attn, mlp, attn_norm, mlp_norm in zip(self.layers, self.mlps, self.attn_norms, self.mlp_norms):
+            x = x + attn(attn_norm(x), positions, keep)
+            x = x + mlp(mlp_norm(x))
+        return self.head(self.norm(x))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, **factory):
+        super().__init__()
+        self.gate = nn.Linear(hidden, intermediate, bias=False, **factory)
+        self.up = nn.Linear(hidden, intermediate, bias=False, **factory)
+        self.down = nn.Linear(intermediate, hidden, bias=False, **factory)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class ManualAttentionBlock(nn.Module):

@@ -10,6 +10,7 @@ import onnx
 import torch
 
 from ..errors import GSAError
+from ..passes.insert_codes_state import is_static_codes_buffer
 from .codes_io import lift_codes_state
 from .functions import build_function
 from .schemas import DOMAIN, OP_SPECS, OPSET_VERSION, register_schemas
@@ -47,7 +48,8 @@ def capture(model, args: tuple, *, config=None, kwargs=None, dynamic_shapes=None
             "the model has no GSA site to export: no attention was rewritten (every layer dense, or no "
             "attention pattern matched); see gsa_compile.export's report for why"
         )
-    stateful = sorted({op for op in ops if op.split("::")[-1].split(".")[0] not in EXPORTABLE_OPS})
+    stateful = sorted({op for op in ops if op.split("::")[-1].split(".")[0] not in EXPORTABLE_OPS}
+                      | {name for name in program.graph_signature.buffers if is_static_codes_buffer(name)})
     if stateful:
         raise GSAError(
             f"the graph updates key codes of a static cache in place ({', '.join(stateful)}), which the ONNX "

@@ -101,8 +101,8 @@ def test_optimize_plain_module_is_used_like_the_original():
     with torch.no_grad():
         for got, want in zip(_generate(optimized, ids, 2), _generate(reference, ids, 2)):
             torch.testing.assert_close(got, want, **EXACT)
-    assert optimized.gsa_reports and len(optimized.gsa_reports[0].sites) == 2
-    assert optimized.gsa_codes_state.keys_encoded == 2 * 2 * (12 + 2)
+    assert optimized.gsa.reports and len(optimized.gsa.reports[0].sites) == 2
+    assert optimized.gsa.codes.keys_encoded == 2 * 2 * (12 + 2)
 
 
 def test_optimize_with_a_config_for_another_model_fails_clearly():
@@ -136,7 +136,7 @@ def test_export_decode_program_keeps_codes_beside_the_growing_cache():
     assert [site.note for site in program.gsa_report.sites] == ["codes: cat"] * 2
     runner = program.module()
     state = program.gsa_codes_state
-    with torch.no_grad():
+    with torch.no_grad(), state.active():
         got, new_cache = runner(token, cache)
         want, _ = model(token, cache)
     torch.testing.assert_close(got, want, **EXACT)

@@ -110,5 +110,5 @@ def test_export_static_cache_decode_encodes_each_key_once():
     assert any(differs)
     state = program.gsa_codes_state
     kv_heads, layers = model.config.num_key_value_heads, model.config.num_hidden_layers
-    # The whole static cache once at the first call, then one key per step.
-    assert state.keys_encoded == layers * kv_heads * (max_len + tokens.shape[1] - 1)
+    # The whole static cache once when the program was built, then one key per step.
+    assert state.keys_encoded == layers * kv_heads * (max_len + tokens.shape[1])
