@@ -84,6 +84,7 @@ def select_blocks(
     """query [B, Hq, 1, D], key_codes [B, Hkv, L, R // 8], valid [B, L] bool or None ->
     int32 [B, Hkv, num_blocks]: ascending block indices, -1 where a row has fewer valid blocks."""
     check.check_must_select(must_select)
+    check.check_chunk(chunk_size)
     check.check_tensor("query", query)
     check.check_tensor("weight", weight)
     return ops.select_blocks(
@@ -148,11 +149,13 @@ def gsa_attention(
     selection ([B, Hkv, ceil(L / C)], ascending then -1) for reuse by another layer."""
     check.check_budget(top_k_ratio, budget_tokens)
     check.check_must_select(must_select)
+    check.check_site_options(chunk_size, repre, scope, is_causal, scale, softcap, seq_len_threshold,
+                             concurrency_threshold)
     check.check_attention_inputs(query, key, value)
     check.check_weight(weight, key.shape[-1], key.shape[1])
     if reuse_blocks is not None and _values_readable(reuse_blocks):
         check.check_tensor("reuse_blocks", reuse_blocks)
-        check.check_block_values(reuse_blocks, common.ceil_div(key.shape[2], chunk_size))
+        check.check_block_values(reuse_blocks, common.ceil_div(key.shape[2], chunk_size), "reuse_blocks")
     weight = weight.to(key.device)
     if key_codes is None:
         key_codes = encode(key, weight)

@@ -211,15 +211,9 @@ def check_attention_site(
     check_key_codes(key_codes, key, weight)
     check_attn_mask(attn_mask, query, key.shape[2])
     check_key_norms(key_norms, key.shape[0], key.shape[1], key.shape[2])
-    check_chunk(chunk_size)
     check_budget(top_k_ratio, budget_tokens)
     check_must_select(must_select)
-    check_choice("repre", repre, REPRE_METHODS)
-    check_choice("scope", scope, SCOPES)
-    _check_threshold("seq_len_threshold", seq_len_threshold)
-    _check_threshold("concurrency_threshold", concurrency_threshold)
-    _require(isinstance(is_causal, bool), f"is_causal must be a bool, got {is_causal!r}")
-    check_scale_softcap(scale, softcap)
+    check_site_options(chunk_size, repre, scope, is_causal, scale, softcap, seq_len_threshold, concurrency_threshold)
     if reuse_blocks is not None:
         n_blocks = -(-key.shape[2] // chunk_size)
         expected = (key.shape[0], key.shape[1], n_blocks)
@@ -229,6 +223,20 @@ def check_attention_site(
             f"reuse_blocks must be the int32 {list(expected)} selection another layer returned, got "
             f"{getattr(reuse_blocks, 'dtype', type(reuse_blocks).__name__)} {tuple(getattr(reuse_blocks, 'shape', ()))}",
         )
+
+
+def check_site_options(
+    chunk_size, repre, scope, is_causal, scale, softcap, seq_len_threshold, concurrency_threshold
+) -> None:
+    """The scalar options of gsa::attention. The functional API checks them before the op's
+    schema converts them (True would become chunk_size 1, None is_causal False)."""
+    check_chunk(chunk_size)
+    check_choice("repre", repre, REPRE_METHODS)
+    check_choice("scope", scope, SCOPES)
+    _require(isinstance(is_causal, bool), f"is_causal must be a bool, got {is_causal!r}")
+    check_scale_softcap(scale, softcap)
+    _check_threshold("seq_len_threshold", seq_len_threshold)
+    _check_threshold("concurrency_threshold", concurrency_threshold)
 
 
 def check_scale_softcap(scale, softcap) -> None:
@@ -268,7 +276,7 @@ def check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_si
         check_block_values(blocks, -(-key.shape[2] // chunk_size))
 
 
-def check_block_values(blocks: torch.Tensor, n_blocks: int) -> None:
+def check_block_values(blocks: torch.Tensor, n_blocks: int, name: str = "blocks") -> None:
     """Each (row, KV head) of blocks lists distinct block ids in [0, n_blocks), then -1 padding
     (what select_blocks returns). Reads the values: call it only where that is free."""
     if blocks.numel() == 0:
@@ -277,7 +285,7 @@ def check_block_values(blocks: torch.Tensor, n_blocks: int) -> None:
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
         raise GSAInputError(
-            f"blocks{list(where)} = {int(blocks[where])}: block ids must lie in [0, {n_blocks - 1}] "
+            f"{name}{list(where)} = {int(blocks[where])}: block ids must lie in [0, {n_blocks - 1}] "
             f"(the cache holds {n_blocks} blocks) or be -1 (padding)"
         )
     used = blocks >= 0
@@ -285,7 +293,7 @@ def check_block_values(blocks: torch.Tensor, n_blocks: int) -> None:
     if bool(gap.any()):
         where = tuple(int(i) for i in gap.nonzero()[0][:2])
         raise GSAInputError(
-            f"blocks{list(where)} has a block id after a -1: each row lists its block ids first, "
+            f"{name}{list(where)} has a block id after a -1: each row lists its block ids first, "
             f"then -1 padding"
         )
     ordered = blocks.sort(dim=-1).values
@@ -293,7 +301,7 @@ def check_block_values(blocks: torch.Tensor, n_blocks: int) -> None:
     if bool(repeated.any()):
         where = tuple(int(i) for i in repeated.nonzero()[0])
         raise GSAInputError(
-            f"blocks{list(where[:2])} lists block {int(ordered[where])} more than once: each block "
+            f"{name}{list(where[:2])} lists block {int(ordered[where])} more than once: each block "
             f"id may appear once per row (a block is attended once)"
         )
 
