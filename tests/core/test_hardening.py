@@ -337,12 +337,48 @@ def test_check_key_dim_names_the_head_dim_mismatch():
 @pytest.mark.parametrize("argv, words", [
     (["inspect", "notamodel"], ["gsa-compile inspect:", "notamodel"]),
     (["inspect", "decoder", "--config", "/nonexistent/gsa.json"], ["gsa-compile inspect:", "gsa.json"]),
+    (["configs", "notaname"], ["gsa-compile configs:", "notaname"]),
+    (["export-onnx", "notamodel", "--out", "/nonexistent/unused.onnx"], ["gsa-compile export-onnx:", "notamodel"]),
+    (["demo", "--budget-tokens", "-5"], ["gsa-compile demo:", "--budget-tokens", "-5"]),
+    (["calibrate", "--model", "/nonexistent/model", "--out", "/nonexistent/unused.safetensors"], ["gsa-compile calibrate:"]),
+    (["eval", "--model", "/nonexistent/model"], ["gsa-compile eval:", "/nonexistent/model"]),
+    (["npu-check"], ["gsa-compile npu-check:"]),
+    (["bench", "--keys", "8"], ["gsa-compile bench:"]),
 ])
 def test_a_failing_cli_command_prints_one_line_and_exits_non_zero(capsys, argv, words):
     from gsa_compile.cli import main
 
+    if argv[0] in ("npu-check", "bench") and (torch.cuda.is_available() or hasattr(torch, "npu")):
+        pytest.skip("this machine can run the command")
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert len(err.splitlines()) == 1 and len(err) < 600, err
     assert all(word in err for word in words), err
+
+
+def test_a_cli_usage_error_is_argparse_s_one_line_and_exit_2(capsys):
+    from gsa_compile.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--budget-tokens", "many"])
+    assert info.value.code == 2 and "--budget-tokens" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _tiny_module():
+    return torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: gsa_compile.optimize("notamodel"), GSAInputError, ["nn.Module", "str"]),
+    (lambda: gsa_compile.optimize(_tiny_module(), 5), GSAConfigError, ["config must be", "int"]),
+    (lambda: gsa_compile.optimize(_tiny_module(), compiler="gcc"), GSAConfigError, ["compiler", "'gcc'"]),
+    (lambda: gsa_compile.optimize(_tiny_module(), "no/such-config"), GSAConfigError, ["no/such-config", "shipped"]),
+    (lambda: gsa_compile.inspect(_tiny_module(), torch.ones(1, 4), config=3.5), GSAConfigError, ["config must be"]),
+    (lambda: gsa_compile.load_config("no/such-config"), GSAConfigError, ["no/such-config"]),
+    (lambda: gsa_compile.use_backend("cuda-fast").__enter__(), gsa_compile.GSABackendUnavailable, ["'cuda-fast'"]),
+])
+def test_every_public_entry_point_names_a_bad_argument(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert all(word in str(info.value) for word in words), str(info.value)
