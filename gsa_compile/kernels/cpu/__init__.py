@@ -105,9 +105,10 @@ def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sc
     # One fused SDPA call: the G query heads of a KV head are its G query rows.
     mask = allowed if bias is None else bias.to(query.dtype).masked_fill(~allowed, float("-inf"))
     grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
-    # SDPA gives zeros for a row with no allowed token and keeps a NaN query's row NaN, as the spec says.
     out = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
-    return out.reshape(batch, q_heads, 1, -1)
+    # SDPA keeps a NaN query's row NaN (as the spec says) even where no token is allowed; such
+    # a row gives zeros.
+    return out.masked_fill_(~allowed.any(-1, keepdim=True), 0.0).reshape(batch, q_heads, 1, -1)
 
 
 register_kernel("select_blocks", "cpu", select_blocks)
