@@ -73,6 +73,7 @@ def check_query_keys(query: torch.Tensor, kv_heads: int, num_keys: int, what: st
 def check_valid(valid: Optional[torch.Tensor], batch: int, num_keys: int) -> None:
     if valid is None:
         return
+    check_tensor("valid", valid)
     _require(valid.dtype == torch.bool, f"valid must be a bool tensor, got {valid.dtype}")
     _require(tuple(valid.shape) == (batch, num_keys),
              f"valid must be [B, L] = {(batch, num_keys)}, got {tuple(valid.shape)}")

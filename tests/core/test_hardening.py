@@ -223,6 +223,8 @@ BAD_CALLS = [
     ("num_selected keys", lambda: gsa.num_selected_blocks(-1, 8, budget_tokens=8), ["num_keys", ">= 0"]),
     ("num_selected both", lambda: gsa.num_selected_blocks(100, 8), ["exactly one"]),
     ("hash_weights", lambda: gsa.hash_weights(2, 8, 12), ["hash_bits", "multiple of 8"]),
+    ("sparse valid list", lambda: gsa.sparse_attention(q0, k0, v0, _all_blocks(k0), chunk_size=CHUNK, valid=[True]),
+     ["valid", "tensor"]),
     ("sparse scale", lambda: gsa.sparse_attention(q0, k0, v0, _all_blocks(k0), chunk_size=CHUNK, scale="x"),
      ["scale"]),
     ("sparse blocks float", lambda: gsa.sparse_attention(q0, k0, v0, _all_blocks(k0).float(), chunk_size=CHUNK),
@@ -378,6 +380,7 @@ def _tiny_module():
     (lambda: gsa_compile.optimize(_tiny_module(), "no/such-config"), GSAConfigError, ["no/such-config", "shipped"]),
     (lambda: gsa_compile.inspect(_tiny_module(), torch.ones(1, 4), config=3.5), GSAConfigError, ["config must be"]),
     (lambda: gsa_compile.load_config("no/such-config"), GSAConfigError, ["no/such-config"]),
+    (lambda: gsa_compile.export(_tiny_module(), (torch.ones(1, 4),), config=7), GSAConfigError, ["config must be"]),
     (lambda: gsa_compile.use_backend("cuda-fast").__enter__(), gsa_compile.GSABackendUnavailable, ["'cuda-fast'"]),
 ])
 def test_every_public_entry_point_names_a_bad_argument(call, error, words):
