@@ -17,7 +17,7 @@ import torch
 from .capture.dynamo_backend import COMPILERS, gsa_backend, parameter_names, resolve_config_option
 from .capture.export import export
 from .config import GSAConfig
-from .errors import GSAConfigError
+from .errors import GSAConfigError, GSAInputError
 from .passes import PassContext, run_pipeline
 from .passes.codes_state import CodesState
 from .report import Report
@@ -99,7 +99,7 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
 
         return optimize_transformers(model, config)
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"optimize takes an nn.Module, got {type(model).__name__}")
+        raise GSAInputError(f"optimize takes an nn.Module, got {type(model).__name__}")
     if compiler not in COMPILERS:
         raise GSAConfigError(f"compiler must be one of {list(COMPILERS)}, got {compiler!r}")
     if isinstance(model.__dict__.get("gsa"), GSAHandle):

@@ -9,6 +9,10 @@ import logging
 import os
 import sys
 
+# Longest error line a failing command prints for an exception that is not a GSAError (a
+# third-party message can list hundreds of names).
+MESSAGE_LIMIT = 300
+
 # Modules that each add one or more subcommands.
 COMMAND_MODULES = [
     "gsa_compile.commands.configs",
@@ -52,6 +56,21 @@ def main(argv=None) -> int:
         # The reader (e.g. `| head`) stopped early: not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        print(f"gsa-compile {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (a command fails with one line, not a traceback)
+        if args.verbose:
+            logging.getLogger("gsa_compile.cli").exception("gsa-compile %s failed", args.command)
+        print(f"gsa-compile {args.command}: {one_line(exc)} (-v shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException, limit: int = MESSAGE_LIMIT) -> str:
+    """An exception as one line of at most `limit` characters: its type and its first line."""
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ HASH_WEIGHT_TYPES = ("random", "fixed")
 SELECTION_SCOPES = ("per_head", "shared")
 DEVICE_KINDS = ("cpu", "gpu", "npu")
 LAYER_POLICIES = ("dense", "sparse", "reuse")
+# List fields and what their entries are.
+LIST_FIELDS = {
+    "top_k_ratio_per_layer": "one ratio per layer, e.g. [0.3] * num_hidden_layers",
+    "top_k_index_reuse": "one entry per layer: -1 or an earlier layer's index",
+    "must_select_blocks": "block indices, e.g. [0, -2, -1], or [] for none",
+}
 
 # The seed's default layer policy: the first two and last three layers stay dense.
 DEFAULT_DENSE_FIRST = 2
@@ -71,24 +77,35 @@ class GSAConfig:
     # Where relative hash-weight paths are resolved from (the JSON file's folder); not saved.
     source_dir: Optional[str] = field(default=None, compare=False, repr=False)
 
+    def __new__(cls, *args, **kwargs):
+        # Every construction (GSAConfig(...), from_dict, for_model's overrides) names unknown
+        # keys the same way, instead of the dataclass's bare TypeError.
+        _check_keys(kwargs, [f.name for f in dataclasses.fields(cls)])
+        return super().__new__(cls)
+
     def __post_init__(self):
-        _check_type("num_hidden_layers", self.num_hidden_layers, int)
-        if self.num_hidden_layers < 1:
-            raise GSAConfigError(
-                f"num_hidden_layers must be a positive integer, got {self.num_hidden_layers}"
-            )
+        _check_int("num_hidden_layers", self.num_hidden_layers, minimum=1)
         if self.top_k_ratio_per_layer is None:
             self.top_k_ratio_per_layer = default_ratios(self.num_hidden_layers)
         if self.top_k_index_reuse is None:
             self.top_k_index_reuse = [-1] * self.num_hidden_layers
-        self.top_k_ratio_per_layer = list(self.top_k_ratio_per_layer)
-        self.top_k_index_reuse = list(self.top_k_index_reuse)
-        self.must_select_blocks = list(self.must_select_blocks)
+        for name in LIST_FIELDS:
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise GSAConfigError naming the first field that is out of its allowed values."""
+        """Raise GSAConfigError naming the first field that is out of its allowed values.
+
+        Runs at construction and again on first use after any field changed (fields may be
+        assigned, lists edited in place): every method that reads the config checks first."""
+        _check_int("num_hidden_layers", self.num_hidden_layers, minimum=1)
+        for name in LIST_FIELDS:
+            if not isinstance(getattr(self, name), list):
+                raise GSAConfigError(
+                    f"{name} must be a list ({LIST_FIELDS[name]}), got {getattr(self, name)!r}"
+                )
         _check_type("model_name", self.model_name, str)
         for name in ("is_mla", "key_norm_weighting"):
             _check_type(name, getattr(self, name), bool)
@@ -113,6 +130,36 @@ class GSAConfig:
         self._validate_layers()
         self._validate_mla()
         self._validate_hash_weight_source()
+        object.__setattr__(self, "_validated_state", self._state())
+
+    def _state(self) -> tuple:
+        return tuple(
+            tuple(value) if isinstance(value, list) else value
+            for value in (getattr(self, f.name) for f in dataclasses.fields(self))
+        )
+
+    def _ensure_valid(self) -> None:
+        if self.__dict__.get("_validated_state") != self._state():
+            self.validate()
+
+    def check_key_dim(self, layer: int, key_dim: int) -> None:
+        """Refuse a site whose keys do not have head_dim dims (the hash weights of the config
+        are made for head_dim). MLA configs describe latent keys, which routes expand into
+        keys of another width, so they are checked through qk_rope_head_dim instead."""
+        self._ensure_valid()
+        if self.is_mla:
+            if key_dim <= self.qk_rope_head_dim:
+                raise GSAConfigError(
+                    f"layer {layer}: keys have {key_dim} dims, no more than qk_rope_head_dim="
+                    f"{self.qk_rope_head_dim}; the config is made for another model"
+                )
+            return
+        if key_dim != self.head_dim:
+            raise GSAConfigError(
+                f"head_dim={self.head_dim} but layer {layer}'s keys have {key_dim} dims; set "
+                f"head_dim={key_dim} (GSAConfig.for_model(model) derives it) or use a config made "
+                f"for this model"
+            )
 
     def _validate_must_select(self) -> None:
         if not isinstance(self.must_select_blocks, list) or not all(
@@ -167,10 +214,10 @@ class GSAConfig:
                     f"(top_k_ratio_per_layer[{layer}] = {self.top_k_ratio_per_layer[layer]}); "
                     f"only sparse layers (ratio < 1) can reuse a selection"
                 )
-            if self.layer_policy(source) != "sparse":
+            if self._policy(source) != "sparse":
                 raise GSAConfigError(
                     f"top_k_index_reuse[{layer}] = {source} but layer {source} is "
-                    f"{self.layer_policy(source)}; a reused layer must compute its own sparse "
+                    f"{self._policy(source)}; a reused layer must compute its own sparse "
                     f"selection (ratio < 1 and top_k_index_reuse = -1)"
                 )
 
@@ -210,6 +257,10 @@ class GSAConfig:
     # ------------------------------------------------------------------ policy
     def layer_policy(self, layer: int) -> str:
         """'dense' (ratio >= 1), 'reuse' (reads another layer's selection) or 'sparse'."""
+        self._ensure_valid()
+        return self._policy(layer)
+
+    def _policy(self, layer: int) -> str:
         self._check_layer(layer)
         if self.top_k_ratio_per_layer[layer] >= 1:
             return "dense"
@@ -219,6 +270,7 @@ class GSAConfig:
 
     def selection_source(self, layer: int) -> int:
         """The layer whose selection `layer` uses: itself unless it reuses another's."""
+        self._ensure_valid()
         self._check_layer(layer)
         source = self.top_k_index_reuse[layer]
         return layer if source == -1 else source
@@ -236,7 +288,8 @@ class GSAConfig:
     def attention_kwargs(self, layer: int, device_type: str) -> dict[str, Any]:
         """Keyword arguments of gsa::attention / functional.gsa_attention for a sparse or reuse
         layer on a device type: budget of the layer's selection source, blocks, thresholds."""
-        if self.layer_policy(layer) == "dense":
+        self._ensure_valid()
+        if self._policy(layer) == "dense":
             raise GSAConfigError(f"layer {layer} is dense (top_k_ratio_per_layer[{layer}] >= 1); it has no GSA site")
         seq_len, concurrency = self.thresholds(device_type)
         budget = {"top_k_ratio": None, "budget_tokens": self.budget_tokens}
@@ -254,6 +307,7 @@ class GSAConfig:
 
     def thresholds(self, device_type: str) -> tuple[int, int]:
         """(seq_len_threshold, concurrency_threshold) for a torch device type."""
+        self._ensure_valid()
         kind = {"cuda": "gpu", "npu": "npu", "privateuseone": "npu"}.get(device_type, "cpu")
         return (
             getattr(self, f"{kind}_seq_len_threshold"),
@@ -261,7 +315,7 @@ class GSAConfig:
         )
 
     def _check_layer(self, layer: int) -> None:
-        if not 0 <= layer < self.num_hidden_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_hidden_layers:
             raise GSAConfigError(
                 f"layer {layer} is outside this config's {self.num_hidden_layers} layers "
                 f"(0..{self.num_hidden_layers - 1})"
@@ -278,6 +332,7 @@ class GSAConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source_dir"}
 
     def to_json(self) -> str:
+        self._ensure_valid()
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str) -> None:
@@ -288,19 +343,20 @@ class GSAConfig:
     def from_dict(cls, data: dict[str, Any], source_dir: Optional[str] = None) -> "GSAConfig":
         if not isinstance(data, dict):
             raise GSAConfigError(f"a GSA config must be a JSON object, got {type(data).__name__}")
-        allowed = [f.name for f in dataclasses.fields(cls) if f.name != "source_dir"]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise GSAConfigError(f"unknown config key(s) {unknown}; allowed keys: {allowed}")
+        _check_keys(data, [f.name for f in dataclasses.fields(cls) if f.name != "source_dir"])
         return cls(**data, source_dir=source_dir)
 
     @classmethod
     def load(cls, path: str) -> "GSAConfig":
-        with open(path) as handle:
-            try:
+        try:
+            with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
-            except json.JSONDecodeError as exc:
-                raise GSAConfigError(f"{path} is not valid JSON: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise GSAConfigError(f"{path} is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise GSAConfigError(f"{path} is not UTF-8 text (a GSA config is a UTF-8 JSON file): {exc}") from exc
+        except OSError as exc:
+            raise GSAConfigError(f"cannot read GSA config {path}: {exc.strerror or exc}") from exc
         return cls.from_dict(data, source_dir=os.path.dirname(os.path.abspath(path)))
 
     def replace(self, **changes) -> "GSAConfig":
@@ -407,6 +463,12 @@ def _derive_from_module(module: Any) -> dict:
         "head_dim": head_dims[0],
         "hash_bits": _round_bits(head_dims[0]),
     }
+
+
+def _check_keys(data: dict, allowed: list) -> None:
+    unknown = sorted(str(key) for key in set(data) - set(allowed))
+    if unknown:
+        raise GSAConfigError(f"unknown config key(s) {unknown}; allowed keys: {allowed}")
 
 
 def _check_type(name: str, value: Any, kind: type) -> None:

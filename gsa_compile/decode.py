@@ -151,7 +151,7 @@ def row_budget(row_length: Tensor, chunk_size: int, top_k_ratio: Optional[float]
         k = torch.full_like(blocks, common.ceil_div(budget_tokens, chunk_size))
     else:
         # Same rounding as num_selected_blocks: 0.3 * 10 is 3 blocks, not 4.
-        k = torch.ceil(torch.round(blocks.to(torch.float64) * top_k_ratio, decimals=9)).to(blocks.dtype)
+        k = torch.ceil(torch.round(blocks.to(torch.float64) * top_k_ratio, decimals=9)).clamp(min=1).to(blocks.dtype)
     return torch.minimum(torch.maximum(k, must_select_count(blocks, must_select)), blocks)
 
 

@@ -5,7 +5,8 @@
     out = gsa_attention(query, key, value, weight, key_codes=codes, budget_tokens=2048)
 
 Each function runs the `gsa` custom ops, so the same calls trace under torch.compile and
-torch.export and pick the fastest kernel for the tensors' device."""
+torch.export and pick the fastest kernel for the tensors' device. Bad arguments raise
+GSAInputError naming the argument and what is allowed (docs/semantics.md)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .errors import GSAInputError
 from .hashing import hash_weights
-from .kernels.common import num_selected_blocks
+from .kernels import common
+from .kernels import validation as check
 
 __all__ = [
     "hash_weights",
@@ -33,12 +34,38 @@ __all__ = [
 def encode(x: Tensor, weight: Tensor) -> Tensor:
     """x [B, H, L, D], weight [Hkv, D, R] (H a multiple of Hkv) -> uint8 [B, H, L, R // 8];
     bit = (x @ W_h >= 0), bit i of byte b is projected dim 8b + i."""
+    check.check_encode(x, weight)
     return ops.encode(x, weight.to(x.device))
 
 
 def key_norms(key: Tensor) -> Tensor:
     """[B, Hkv, L] L2 norms of keys, for key-norm weighted scores (float32)."""
+    check.check_tensor("key", key)
     return torch.linalg.vector_norm(key.float(), dim=-1)
+
+
+def num_selected_blocks(
+    num_keys: int,
+    chunk_size: int,
+    *,
+    top_k_ratio: Optional[float] = None,
+    budget_tokens: Optional[int] = None,
+    must_select: Sequence[int] = (0, -2, -1),
+) -> int:
+    """k = ceil(ratio * n_blocks) or ceil(budget_tokens / C), clamped to [#must-select, n_blocks]."""
+    if not (isinstance(num_keys, int) and not isinstance(num_keys, bool) and num_keys >= 0):
+        raise check.GSAInputError(f"num_keys must be an integer >= 0, got {num_keys!r}")
+    return common.num_selected_blocks(
+        num_keys, chunk_size, top_k_ratio=top_k_ratio, budget_tokens=budget_tokens, must_select=must_select
+    )
+
+
+def _values_readable(*tensors) -> bool:
+    """Whether checking tensor values here is allowed: not while tracing (fake tensors have
+    none) and not while a CUDA graph is captured (reading the device would break it)."""
+    if torch.compiler.is_compiling() or any(check.is_fake(t) for t in tensors):
+        return False
+    return not (any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing())
 
 
 def select_blocks(
@@ -56,6 +83,10 @@ def select_blocks(
 ) -> Tensor:
     """query [B, Hq, 1, D], key_codes [B, Hkv, L, R // 8], valid [B, L] bool or None ->
     int32 [B, Hkv, num_blocks]: ascending block indices, -1 where a row has fewer valid blocks."""
+    check.check_must_select(must_select)
+    check.check_chunk(chunk_size)
+    check.check_tensor("query", query)
+    check.check_tensor("weight", weight)
     return ops.select_blocks(
         query, key_codes, weight.to(query.device), valid, key_norms, chunk_size, num_blocks,
         list(must_select), repre, scope,
@@ -75,7 +106,13 @@ def sparse_attention(
     softcap: Optional[float] = None,
 ) -> Tensor:
     """[B, Hq, 1, Dv]: exact attention of each query head over the valid tokens of its KV
-    head's selected blocks (-1 entries are ignored)."""
+    head's selected blocks. Each row of blocks lists distinct block ids, then -1 padding (what
+    select_blocks returns); other values are refused."""
+    check.check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size)
+    check.check_scale_softcap(scale, softcap)
+    # The op itself checks CPU block ids (free there); other devices are checked here, once.
+    if blocks.device.type != "cpu" and _values_readable(blocks):
+        check.check_block_values(blocks, common.ceil_div(key.shape[2], chunk_size))
     return ops.sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap)
 
 
@@ -110,11 +147,15 @@ def gsa_attention(
     than one query token, fewer than seq_len_threshold keys, or fewer than
     concurrency_threshold long rows run dense SDPA. return_blocks=True also returns the
     selection ([B, Hkv, ceil(L / C)], ascending then -1) for reuse by another layer."""
-    if (top_k_ratio is None) == (budget_tokens is None):
-        raise GSAInputError(
-            f"give exactly one of top_k_ratio and budget_tokens, got top_k_ratio={top_k_ratio}, "
-            f"budget_tokens={budget_tokens}"
-        )
+    check.check_budget(top_k_ratio, budget_tokens)
+    check.check_must_select(must_select)
+    check.check_site_options(chunk_size, repre, scope, is_causal, scale, softcap, seq_len_threshold,
+                             concurrency_threshold)
+    check.check_attention_inputs(query, key, value)
+    check.check_weight(weight, key.shape[-1], key.shape[1])
+    if reuse_blocks is not None and _values_readable(reuse_blocks):
+        check.check_tensor("reuse_blocks", reuse_blocks)
+        check.check_block_values(reuse_blocks, common.ceil_div(key.shape[2], chunk_size), "reuse_blocks")
     weight = weight.to(key.device)
     if key_codes is None:
         key_codes = encode(key, weight)

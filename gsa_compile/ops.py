@@ -125,7 +125,10 @@ def attention(
 ) -> tuple[Tensor, Tensor]:
     """One attention site. Returns (out, blocks): blocks is int32 [B, Hkv, ceil(L / C)], the
     selection ascending then -1, or every block (0..n-1) when the call ran dense."""
-    _check_site(query, key, value, key_codes, weight, chunk_size, top_k_ratio, budget_tokens)
+    check.check_attention_site(
+        query, key, value, key_codes, weight, attn_mask, key_norms, reuse_blocks, is_causal, scale, softcap,
+        chunk_size, top_k_ratio, budget_tokens, must_select, repre, scope, seq_len_threshold, concurrency_threshold,
+    )
     batch, kv_heads, num_keys = key.shape[0], key.shape[1], key.shape[2]
     plan = decode.plan_decode(query, num_keys, attn_mask, is_causal, chunk_size, seq_len_threshold, concurrency_threshold)
     if plan.dense not in (None, "device"):
@@ -154,22 +157,13 @@ def select_or_reuse(plan: decode.DecodePlan, query, key_codes, weight, key_norms
 def _attention_fake(query, key, value, key_codes, weight, attn_mask, key_norms, reuse_blocks, is_causal, scale,
                     softcap, chunk_size, top_k_ratio, budget_tokens, must_select, repre, scope,
                     seq_len_threshold, concurrency_threshold):
-    _check_site(query, key, value, key_codes, weight, chunk_size, top_k_ratio, budget_tokens)
+    check.check_attention_site(
+        query, key, value, key_codes, weight, attn_mask, key_norms, reuse_blocks, is_causal, scale, softcap,
+        chunk_size, top_k_ratio, budget_tokens, must_select, repre, scope, seq_len_threshold, concurrency_threshold,
+    )
     n_blocks = (key.shape[2] + chunk_size - 1) // chunk_size
     out = query.new_empty((*query.shape[:-1], value.shape[-1]))
     return out, key.new_empty((key.shape[0], key.shape[1], n_blocks), dtype=torch.int32)
-
-
-def _check_site(query, key, value, key_codes, weight, chunk_size, top_k_ratio, budget_tokens) -> None:
-    check.check_attention_inputs(query, key, value)
-    check.check_weight(weight, key.shape[-1], key.shape[1])
-    check.check_key_codes(key_codes, key, weight)
-    check.check_chunk(chunk_size)
-    if (top_k_ratio is None) == (budget_tokens is None):
-        raise check.GSAInputError(
-            f"gsa::attention needs exactly one of top_k_ratio and budget_tokens, got "
-            f"top_k_ratio={top_k_ratio}, budget_tokens={budget_tokens}"
-        )
 
 
 @torch.library.custom_op("gsa::no_backward", mutates_args=())

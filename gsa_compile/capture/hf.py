@@ -99,8 +99,11 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
 
 
 def restore_transformers(model: nn.Module, runtime: Optional[GSARuntime] = None) -> nn.Module:
-    """Undo optimize_transformers: the original attention implementation, no sites, no hook."""
-    runtime = runtime or model.gsa_runtime
+    """Undo optimize_transformers: the original attention implementation, no sites, no hook.
+    A model that is not optimized (or already restored) is returned unchanged."""
+    runtime = runtime or getattr(model, "gsa_runtime", None)
+    if runtime is None:
+        return model
     for _, module in attention_modules(model):
         if isinstance(getattr(module, SITE_ATTRIBUTE, None), GSASite):
             delattr(module, SITE_ATTRIBUTE)

@@ -59,14 +59,17 @@ def num_selected_blocks(
     must_select: Sequence[int] = (0, -2, -1),
 ) -> int:
     """k = ceil(ratio * n_blocks) or ceil(budget_tokens / C), clamped to [#must-select, n_blocks]."""
-    if (top_k_ratio is None) == (budget_tokens is None):
-        raise ValueError("give exactly one of top_k_ratio and budget_tokens")
+    from .validation import check_budget, check_chunk, check_must_select
+
+    check_budget(top_k_ratio, budget_tokens)
+    check_chunk(chunk_size)
+    check_must_select(must_select)
     n_blocks = ceil_div(num_keys, chunk_size)
     if budget_tokens is not None:
         k = ceil_div(budget_tokens, chunk_size)
     else:
         # Round before the ceiling so 0.3 * 10 is 3 blocks, not 4 from 3.0000000000000004.
-        k = math.ceil(round(top_k_ratio * n_blocks, 9))
+        k = max(1, math.ceil(round(top_k_ratio * n_blocks, 9)))
     floor = len(resolve_must_select(must_select, n_blocks))
     return max(floor, min(k, n_blocks))
 

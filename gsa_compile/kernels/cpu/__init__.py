@@ -77,6 +77,12 @@ def gather_selected(key, value, blocks, valid, attn_bias, chunk_size):
     keys, values = key[rows, heads, tokens], value[rows, heads, tokens]
     if valid is not None:
         allowed = allowed & valid.gather(1, tokens.reshape(batch, -1)).reshape(allowed.shape)
+    # Slots outside the attended set (-1 blocks, past the cache, masked keys) hold copies of
+    # other tokens; zero them so non-finite values there never reach the output (0 * inf = NaN).
+    hidden = ~allowed
+    if bool(hidden.any()):
+        keys[hidden] = 0
+        values[hidden] = 0
     bias = None
     if attn_bias is not None:
         # [B, Hkv, 1 or G, L]: one bias row per KV head, or one per query head of its group.
@@ -100,8 +106,9 @@ def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sc
     mask = allowed if bias is None else bias.to(query.dtype).masked_fill(~allowed, float("-inf"))
     grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
     out = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
-    # A KV head with no allowed token gives NaN rows; the spec says zeros.
-    return out.nan_to_num_(0.0).reshape(batch, q_heads, 1, -1)
+    # SDPA keeps a NaN query's row NaN (as the spec says) even where no token is allowed; such
+    # a row gives zeros.
+    return out.masked_fill_(~allowed.any(-1, keepdim=True), 0.0).reshape(batch, q_heads, 1, -1)
 
 
 register_kernel("select_blocks", "cpu", select_blocks)

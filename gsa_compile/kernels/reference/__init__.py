@@ -154,7 +154,8 @@ def masked_attention(
     query, key, value, allowed, bias, scale: Optional[float], softcap: Optional[float]
 ) -> torch.Tensor:
     """Exact softmax attention; allowed [B, Hkv|1, T|1, L] bool, bias broadcastable to
-    [B, Hq, T, L]. Rows with no allowed key return zeros."""
+    [B, Hq, T, L]. Non-finite inputs propagate as in SDPA, except that keys and values no query
+    of a row may attend are not read; a row with no attendable key returns zeros (as SDPA)."""
     batch, q_heads, queries, dim = query.shape
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
@@ -167,11 +168,18 @@ def masked_attention(
     if bias is not None:
         bias = bias.to(dtype).expand(batch, q_heads, queries, key.shape[2])
         logits = logits + bias.reshape(batch, kv_heads, groups, queries, key.shape[2])
+    value = value.to(dtype)
     if allowed is not None:
-        allowed = allowed.expand(batch, kv_heads, queries, key.shape[2]).unsqueeze(2)
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    out = torch.einsum("bhgtl,bhlv->bhgtv", weights, value.to(dtype))
+        allowed = allowed.expand(batch, kv_heads, queries, key.shape[2])
+        # masked_fill, not an added -inf: a NaN key that is masked out must not reach the output.
+        logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+        # 0 * inf is NaN: values no query attends are zeroed so they are never read.
+        value = value.masked_fill(~allowed.any(dim=2).unsqueeze(-1), 0.0)
+    # softmax of a row of -inf is NaN; SDPA gives zeros there. A NaN logit (a NaN query or an
+    # attended NaN key) keeps the row NaN, as in SDPA.
+    empty = (logits == float("-inf")).all(dim=-1, keepdim=True)
+    weights = torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)
+    out = torch.einsum("bhgtl,bhlv->bhgtv", weights, value)
     return out.reshape(batch, q_heads, queries, value.shape[-1]).to(query.dtype)
 
 
