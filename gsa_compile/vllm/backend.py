@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -184,9 +185,25 @@ def _slice_requests(common: CommonAttentionMetadata, first_req: int, first_token
     )
 
 
-class GSACPUAttentionImpl(CPUAttentionBackendImpl):
-    _layout_checked: dict = {}
+@functools.lru_cache(maxsize=None)
+def _layout_readable(isa: str, kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether paged.CPU_VEC_LAYOUT reads what vLLM's CPU kernel writes for this cache shape."""
+    if isa not in VEC_ISAS:
+        logger.warning("GSA decode runs dense: vLLM's CPU kernels use isa %r here, whose cache layout GSA does "
+                       "not read (it reads %s)", isa, list(VEC_ISAS))
+        return False
 
+    def write(key, value, key_cache, value_cache, slots):
+        vllm_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+
+    reason = paged.layout_self_check(paged.CPU_VEC_LAYOUT, write, kv_heads, page_size, head_dim, dtype)
+    if reason is not None:
+        logger.warning("GSA decode runs dense for caches of (isa %s, %d KV heads, page %d, head dim %d, %s): %s",
+                       isa, kv_heads, page_size, head_dim, dtype, reason)
+    return reason is None
+
+
+class GSACPUAttentionImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         gsa: Optional[GSALayer] = getattr(layer, "gsa", None)
@@ -201,7 +218,8 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
                 output_block_scale=None):
         gsa: Optional[GSALayer] = getattr(layer, "gsa", None)
         step = getattr(attn_metadata, "gsa", None)
-        if gsa is None or step is None or step.reason is not None or not self._sparse_capable(layer):
+        if gsa is None or step is None or step.reason is not None \
+                or not self._sparse_capable(layer, gsa, step):
             if gsa is not None and step is not None:
                 gsa.counts[1] += step.num_decodes
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
@@ -225,12 +243,12 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
             table, lengths = block_table[rows], seq_lens[rows]
             q = query[rows].unsqueeze(2)  # [b, Hq, 1, D]
             if group.full:
-                blocks = torch.arange(group.num_blocks, dtype=torch.int32).expand(len(rows), self.num_kv_heads, -1)
+                blocks = torch.arange(group.num_blocks, dtype=torch.int32, device=q.device).expand(len(rows), self.num_kv_heads, -1)
             elif gsa.policy == "reuse":
                 blocks = step.selections[gsa.source][index]
             else:
                 codes = paged.gather_codes(gsa.codes.kv_cache, table, num_keys)
-                valid = torch.arange(num_keys)[None, :] < lengths[:, None]
+                valid = torch.arange(num_keys, device=q.device)[None, :] < lengths[:, None]
                 blocks = ops.select_blocks(
                     q, codes, gsa.weight, valid, None, chunk, gsa.budget(num_keys), gsa.kwargs["must_select"],
                     gsa.kwargs["repre"], gsa.kwargs["scope"],
@@ -240,9 +258,9 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
                 paged.CPU_VEC_LAYOUT, kv_cache, table, lengths, blocks, chunk, num_keys
             )
             # The gathered blocks sit side by side; a -1 block stays -1, the rest count 0, 1, ...
-            position = torch.arange(blocks.shape[-1], dtype=torch.int32).expand_as(blocks)
+            position = torch.arange(blocks.shape[-1], dtype=torch.int32, device=q.device).expand_as(blocks)
             local = torch.where(blocks >= 0, position, -1)
-            bias = torch.zeros(in_range.shape, dtype=torch.float32).masked_fill_(~in_range, float("-inf"))
+            bias = torch.zeros(in_range.shape, dtype=torch.float32, device=q.device).masked_fill_(~in_range, float("-inf"))
             bias = bias.repeat_interleave(self.num_queries_per_kv, dim=1).unsqueeze(2)
             out = ops.sparse_attention(q, keys, values, local, None, bias, chunk, self.scale, softcap)
             output[rows] = out[:, :, 0].to(output.dtype)
@@ -251,25 +269,18 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
         if gsa.policy == "sparse":
             step.selections[gsa.index] = computed
 
-    def _sparse_capable(self, layer) -> bool:
-        """Whether this layer's cache can be read by the GSA path (checked once per shape)."""
+    def _sparse_capable(self, layer, gsa: GSALayer, step: GSAStep) -> bool:
+        """Whether this layer can run the GSA path: its cache readable (checked once per shape),
+        and, for a reusing layer, its source layer's selection made in this step."""
+        if gsa.policy == "reuse" and gsa.source not in step.selections:
+            return False
         if self.sliding_window != -1 or self.alibi_slopes is not None or self.sinks is not None \
                 or self.is_fp8_kv_cache:
             return False
-        isa = getattr(layer, "isa", None)
-        if isa not in VEC_ISAS:
-            return False
-        kv_cache = layer.kv_cache
-        shape_key = (isa, self.num_kv_heads, kv_cache.shape[2], self.head_size, kv_cache.dtype)
-        if shape_key not in self._layout_checked:
-            def write(key, value, key_cache, value_cache, slots):
-                vllm_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
-
-            reason = paged.layout_self_check(paged.CPU_VEC_LAYOUT, write, *shape_key[1:])
-            if reason is not None:
-                logger.warning("GSA decode runs dense for %s: %s", shape_key, reason)
-            self._layout_checked[shape_key] = reason is None
-        return self._layout_checked[shape_key]
+        return _layout_readable(
+            getattr(layer, "isa", None), self.num_kv_heads, layer.kv_cache.shape[2], self.head_size,
+            layer.kv_cache.dtype,
+        )
 
 
 class GSACPUAttentionBackend(CPUAttentionBackend):

@@ -82,15 +82,17 @@ def _attach(layer) -> None:
     from .backend import GSACodesCache, GSALayer, plan_layer
 
     layer.gsa = None
-    if layer.attn_type != AttentionType.DECODER or layer.kv_sharing_target_layer_name is not None:
+    if layer.attn_type != AttentionType.DECODER or layer.kv_sharing_target_layer_name is not None \
+            or layer.sliding_window is not None:
         return
     config = active_config()
     vllm_config = get_current_vllm_config()
     index = extract_layer_index(layer.layer_name)
-    if config.num_hidden_layers != vllm_config.model_config.get_num_layers(vllm_config.parallel_config):
+    model_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+    if config.num_hidden_layers != model_layers:
         raise GSAConfigError(
             f"the GSA config has num_hidden_layers={config.num_hidden_layers} but the model served has "
-            f"{vllm_config.model_config.get_num_layers(vllm_config.parallel_config)} layers"
+            f"{model_layers} layers"
         )
     if config.head_dim != layer.head_size:
         raise GSAConfigError(
