@@ -243,7 +243,8 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
             table, lengths = block_table[rows], seq_lens[rows]
             q = query[rows].unsqueeze(2)  # [b, Hq, 1, D]
             if group.full:
-                blocks = torch.arange(group.num_blocks, dtype=torch.int32, device=q.device).expand(len(rows), self.num_kv_heads, -1)
+                every = torch.arange(group.num_blocks, dtype=torch.int32, device=q.device)
+                blocks = every.expand(len(rows), self.num_kv_heads, -1)
             elif gsa.policy == "reuse":
                 blocks = step.selections[gsa.source][index]
             else:
@@ -254,15 +255,9 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
                     gsa.kwargs["repre"], gsa.kwargs["scope"],
                 )
             computed.append(blocks)
-            keys, values, in_range = paged.gather_selected(
-                paged.CPU_VEC_LAYOUT, kv_cache, table, lengths, blocks, chunk, num_keys
+            out = paged.attend_selected(
+                q, paged.CPU_VEC_LAYOUT, kv_cache, table, lengths, blocks, chunk, num_keys, self.scale, softcap
             )
-            # The gathered blocks sit side by side; a -1 block stays -1, the rest count 0, 1, ...
-            position = torch.arange(blocks.shape[-1], dtype=torch.int32, device=q.device).expand_as(blocks)
-            local = torch.where(blocks >= 0, position, -1)
-            bias = torch.zeros(in_range.shape, dtype=torch.float32, device=q.device).masked_fill_(~in_range, float("-inf"))
-            bias = bias.repeat_interleave(self.num_queries_per_kv, dim=1).unsqueeze(2)
-            out = ops.sparse_attention(q, keys, values, local, None, bias, chunk, self.scale, softcap)
             output[rows] = out[:, :, 0].to(output.dtype)
             gsa.counts[2] += (blocks >= 0).sum()
         gsa.counts[0] += step.num_decodes

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import ops
 from ..kernels.common import block_token_index
 
 
@@ -90,6 +91,23 @@ def gather_selected(
     keys = layout.keys(kv_cache)[pages, head_index, offsets]
     values = layout.values(kv_cache)[pages, head_index, offsets]
     return keys, values, in_range
+
+
+def attend_selected(
+    query: torch.Tensor, layout: KVLayout, kv_cache: torch.Tensor, block_table: torch.Tensor,
+    seq_lens: torch.Tensor, blocks: torch.Tensor, chunk_size: int, num_keys: int, scale: float,
+    softcap: Optional[float],
+) -> torch.Tensor:
+    """Exact attention of query [B, Hq, 1, D] over the selected blocks [B, kv_heads, k] of the
+    paged cache -> [B, Hq, 1, D]: the selected blocks are gathered side by side and attended
+    with gsa::sparse_attention, positions past a row's length masked out per KV head."""
+    keys, values, in_range = gather_selected(layout, kv_cache, block_table, seq_lens, blocks, chunk_size, num_keys)
+    position = torch.arange(blocks.shape[-1], dtype=torch.int32, device=blocks.device).expand_as(blocks)
+    local = torch.where(blocks >= 0, position, -1)
+    bias = torch.zeros(in_range.shape, dtype=torch.float32, device=blocks.device)
+    bias = bias.masked_fill_(~in_range, float("-inf"))
+    bias = bias.repeat_interleave(query.shape[1] // blocks.shape[1], dim=1).unsqueeze(2)
+    return ops.sparse_attention(query, keys, values, local, None, bias, chunk_size, scale, softcap)
 
 
 def layout_self_check(
