@@ -6,7 +6,7 @@
   in the same KV cache group as the keys and values, so one block table addresses both, and
   prefix caching, preemption and chunked prefill keep the codes beside their keys.
 - GSACPUAttentionBackend: vLLM's CPU attention with a builder that puts decode rows first
-  and plans each step once (which rows go sparse, grouped by length), and an implementation
+  and plans each step once (whether the decode rows go sparse, each row's length), and an implementation
   that writes codes when keys are written and runs decode rows of GSA layers through the gsa
   ops (encode, select_blocks, sparse_attention) over the selected blocks of the paged cache.
   Prefill rows, dense layers and steps the thresholds keep dense run vLLM's own kernel.
@@ -35,9 +35,10 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import MLAAttentionSpec, SparseCacheRole
 
-from .. import ops
+from .. import decode, ops
 from ..config import GSAConfig
-from ..kernels.common import num_selected_blocks
+from ..errors import GSAError
+from ..kernels.common import ceil_div
 from . import paged
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class GSACodesCache(torch.nn.Module, AttentionLayerBase):
         self.block_size = block_size
         self.kv_cache = torch.tensor([])
         if prefix in forward_context:
-            raise ValueError(f"duplicate layer name {prefix!r} in vLLM's forward context")
+            raise GSAError(f"layer name {prefix!r} is already in vLLM's forward context: GSA codes were attached twice")
         forward_context[prefix] = self
 
     def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
@@ -76,7 +77,7 @@ class GSACodesCache(torch.nn.Module, AttentionLayerBase):
         return GSACodesBackend
 
     def forward(self):  # written by the attention layer's cache update, never called
-        raise RuntimeError("GSACodesCache holds pages only; its attention layer writes and reads them")
+        raise GSAError("GSACodesCache holds pages only; its attention layer writes and reads them")
 
 
 @dataclass
@@ -91,22 +92,6 @@ class GSALayer:
     codes: Optional[GSACodesCache]
     counts: torch.Tensor = field(default_factory=lambda: torch.zeros(len(COUNTERS), dtype=torch.int64))
 
-    def budget(self, num_keys: int) -> int:
-        return num_selected_blocks(
-            num_keys, self.kwargs["chunk_size"], top_k_ratio=self.kwargs["top_k_ratio"],
-            budget_tokens=self.kwargs["budget_tokens"], must_select=self.kwargs["must_select"],
-        )
-
-
-@dataclass
-class DecodeGroup:
-    """Decode rows with the same number of GSA blocks (one select_blocks call), or the short
-    rows of a sparse step (full=True: every block, which is dense attention)."""
-
-    rows: torch.Tensor  # int64 indices into the decode rows
-    num_blocks: int
-    full: bool
-
 
 @dataclass
 class GSAStep:
@@ -115,10 +100,24 @@ class GSAStep:
 
     num_decodes: int  # rows [0, num_decodes) have one query token
     num_decode_tokens: int
-    groups: list
     rest: Optional[CPUAttentionMetadata]  # rows past the decodes, through vLLM's kernel
-    reason: Optional[str]  # why the whole step runs dense (ops.DENSE_REASONS), None: decodes run GSA
+    reason: Optional[str]  # why the whole step runs dense (decode.DENSE_REASONS), None: decodes run GSA
+    lengths: Optional[torch.Tensor] = None  # int64 [num_decodes] keys of each decode row
+    long: Optional[torch.Tensor] = None  # bool [num_decodes]: at least seq_len_threshold keys
+    num_keys: int = 0  # positions the codes are read for: the longest row, in whole GSA blocks
     selections: dict = field(default_factory=dict)
+    _limits: dict = field(default_factory=dict)
+
+    def limit(self, kwargs: dict) -> tuple[torch.Tensor, int]:
+        """(int32 [num_decodes] blocks each row takes, their maximum) for a layer's budget: long
+        rows their budget, shorter rows every block (which is dense attention)."""
+        key = (kwargs["top_k_ratio"], kwargs["budget_tokens"], tuple(kwargs["must_select"]))
+        if key not in self._limits:
+            chunk = kwargs["chunk_size"]
+            k = decode.row_budget(self.lengths, chunk, *key[:2], kwargs["must_select"])
+            limit = torch.where(self.long, k, ceil_div(self.lengths, chunk)).to(torch.int32)
+            self._limits[key] = (limit, int(limit.max()))
+        return self._limits[key]
 
 
 @dataclass
@@ -153,19 +152,15 @@ class GSACPUMetadataBuilder(CPUAttentionMetadataBuilder):
         elif long_rows < self.concurrency_threshold:
             reason = "concurrency"
         if reason is not None:
-            return GSAStep(num_decodes, num_decode_tokens, [], None, reason)
+            return GSAStep(num_decodes, num_decode_tokens, None, reason)
         rest = None
         if num_prefills:
             rest = super().build(common_prefix_len, _slice_requests(common, num_decodes, num_decode_tokens), fast_build)
         chunk = self.gsa_config.chunk_size
-        long = seq_lens >= self.seq_len_threshold
-        blocks = torch.div(seq_lens + chunk - 1, chunk, rounding_mode="floor")
-        groups = []
-        for is_long in (True, False):
-            for count in torch.unique(blocks[long == is_long]).tolist():
-                rows = torch.nonzero((blocks == count) & (long == is_long)).flatten()
-                groups.append(DecodeGroup(rows, int(count), full=not is_long))
-        return GSAStep(num_decodes, num_decode_tokens, groups, rest, None)
+        num_keys = ceil_div(int(seq_lens.max()), chunk) * chunk
+        device = common.seq_lens.device
+        return GSAStep(num_decodes, num_decode_tokens, rest, None, lengths=seq_lens.to(device),
+                       long=(seq_lens >= self.seq_len_threshold).to(device), num_keys=num_keys)
 
 
 def _slice_requests(common: CommonAttentionMetadata, first_req: int, first_token: int) -> CommonAttentionMetadata:
@@ -233,36 +228,26 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
 
     def _decode(self, layer, gsa: GSALayer, step: GSAStep, query, kv_cache, metadata, output) -> None:
         chunk = gsa.kwargs["chunk_size"]
-        block_table = metadata.block_table[: step.num_decodes]
-        seq_lens = metadata.seq_lens[: step.num_decodes]
-        softcap = self.logits_soft_cap or None
-        computed = []
-        for index, group in enumerate(step.groups):
-            rows = group.rows
-            num_keys = group.num_blocks * chunk
-            table, lengths = block_table[rows], seq_lens[rows]
-            q = query[rows].unsqueeze(2)  # [b, Hq, 1, D]
-            if group.full:
-                every = torch.arange(group.num_blocks, dtype=torch.int32, device=q.device)
-                blocks = every.expand(len(rows), self.num_kv_heads, -1)
-            elif gsa.policy == "reuse":
-                blocks = step.selections[gsa.source][index]
-            else:
-                codes = paged.gather_codes(gsa.codes.kv_cache, table, num_keys)
-                valid = torch.arange(num_keys, device=q.device)[None, :] < lengths[:, None]
-                blocks = ops.select_blocks(
-                    q, codes, gsa.weight, valid, None, chunk, gsa.budget(num_keys), gsa.kwargs["must_select"],
-                    gsa.kwargs["repre"], gsa.kwargs["scope"],
-                )
-            computed.append(blocks)
-            out = paged.attend_selected(
-                q, paged.CPU_VEC_LAYOUT, kv_cache, table, lengths, blocks, chunk, num_keys, self.scale, softcap
+        table = metadata.block_table[: step.num_decodes]
+        limit, width = step.limit(gsa.kwargs)
+        q = query.unsqueeze(2)  # [rows, Hq, 1, D]
+        if gsa.policy == "reuse":
+            blocks = decode.truncate(step.selections[gsa.source], width, limit)
+        else:
+            codes = paged.gather_codes(gsa.codes.kv_cache, table, step.num_keys)
+            valid = torch.arange(step.num_keys, device=q.device)[None, :] < step.lengths[:, None]
+            blocks = ops.select_blocks(
+                q, codes, gsa.weight, valid, None, chunk, width, gsa.kwargs["must_select"], gsa.kwargs["repre"],
+                gsa.kwargs["scope"], limit,
             )
-            output[rows] = out[:, :, 0].to(output.dtype)
-            gsa.counts[2] += (blocks >= 0).sum()
+            step.selections[gsa.index] = blocks
+        out = paged.attend_selected(
+            q, paged.CPU_VEC_LAYOUT, kv_cache, table, step.lengths, blocks, chunk, step.num_keys, self.scale,
+            self.logits_soft_cap or None,
+        )
+        output.copy_(out[:, :, 0])
         gsa.counts[0] += step.num_decodes
-        if gsa.policy == "sparse":
-            step.selections[gsa.index] = computed
+        gsa.counts[2] += (blocks >= 0).sum()
 
     def _sparse_capable(self, layer, gsa: GSALayer, step: GSAStep) -> bool:
         """Whether this layer can run the GSA path: its cache readable (checked once per shape),
@@ -308,7 +293,7 @@ class GSACodesBackend(AttentionBackend):
 
     @staticmethod
     def get_impl_cls():
-        raise NotImplementedError("GSA codes pages have no attention implementation of their own")
+        raise GSAError("GSA codes pages have no attention implementation of their own")
 
     @staticmethod
     def get_builder_cls():
