@@ -43,8 +43,9 @@ from . import paged
 
 logger = logging.getLogger(__name__)
 
-# Counters per GSA layer: decode rows served by GSA, decode rows served dense, blocks attended.
-COUNTERS = ("sparse_rows", "dense_rows", "selected_blocks")
+# Counters per GSA layer: decode rows served by GSA, decode rows served dense, blocks attended,
+# sparse steps that also carried prefill rows (served by vLLM's kernel beside the GSA rows).
+COUNTERS = ("sparse_rows", "dense_rows", "selected_blocks", "mixed_steps")
 # Instruction sets whose cache layout paged.CPU_VEC_LAYOUT reads (vLLM's _get_attn_isa).
 VEC_ISAS = ("vec", "vec16")
 
@@ -223,6 +224,7 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
         if step.rest is not None:
             super().forward(layer, query[decodes:], key[decodes:], value[decodes:], kv_cache, step.rest,
                             output[decodes:], output_scale, output_block_scale)
+            gsa.counts[3] += 1
         self._decode(layer, gsa, step, query[:decodes], kv_cache, attn_metadata, output[:decodes])
         return output
 

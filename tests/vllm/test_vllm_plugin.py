@@ -85,8 +85,10 @@ def test_full_budget_gives_the_tokens_of_vllm_dense(generate):
     assert sorted(layers) == [f"model.layers.{i}.self_attn.attn" for i in (1, 2, 3)]
     decode_rows = 2 * len(LENGTHS) * (tiny.MAX_TOKENS - 1)
     for name, counts in layers.items():
-        assert counts["sparse_rows"] == decode_rows, name
-        assert counts["dense_rows"] == 0, name
+        # Steps whose only decode row is the short one run dense; every other decode row is GSA's.
+        assert counts["sparse_rows"] + counts["dense_rows"] == decode_rows, name
+        assert counts["sparse_rows"] > 0, name
+        assert counts["mixed_steps"] > 0, name  # chunked prefill beside GSA decode rows
 
 
 def test_small_budget_runs_sparse_and_prefix_caching_keeps_the_codes(generate):

@@ -18,6 +18,9 @@ KV_HEADS = 2
 VOCAB = 256
 BLOCK_SIZE = 32
 MAX_TOKENS = 8
+# Small enough that prompts prefill in chunks over several steps while other requests decode:
+# steps mix prefill (chunk) rows and decode rows.
+MAX_BATCHED_TOKENS = 128
 
 
 def save_model(path: str) -> str:
@@ -67,7 +70,7 @@ def run(model_dir, lengths, tp=1, prefix_caching=False, repeat=1):
     llm = LLM(
         model=model_dir, skip_tokenizer_init=True, dtype="float32", max_model_len=1024, enforce_eager=True,
         block_size=BLOCK_SIZE, tensor_parallel_size=tp, enable_prefix_caching=prefix_caching, seed=0,
-        distributed_executor_backend="mp" if tp > 1 else None,
+        distributed_executor_backend="mp" if tp > 1 else None, max_num_batched_tokens=MAX_BATCHED_TOKENS,
     )
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, detokenize=False, ignore_eos=True)
     batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts(lengths)]
