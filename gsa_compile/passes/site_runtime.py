@@ -50,12 +50,8 @@ def gsa_site(
     elif key_codes is None:
         key_codes = ops.encode(key, weight)
         key_norms = functional.key_norms(key) if key_norm_weighting else None
-    # The gsa ops are inference-only (their backward refuses): detached inputs let a graph
-    # captured with grad enabled compile (AOT autograd traces the backward when it compiles),
-    # with no gradient through the site.
     out, blocks = ops.attention(
-        query.detach(), key.detach(), value.detach(), key_codes, weight, attn_mask,
-        None if key_norms is None else key_norms.detach(), reuse_blocks, is_causal, scale, softcap,
+        query, key, value, key_codes, weight, attn_mask, key_norms, reuse_blocks, is_causal, scale, softcap,
         chunk_size, top_k_ratio, budget_tokens, list(must_select), repre, scope, seq_len_threshold,
         concurrency_threshold,
     )

@@ -137,3 +137,14 @@ def test_small_budget_differs_from_dense():
         token = torch.randint(0, 64, (2, 1))
         got, want = run(token, torch.tensor([40])), reference(token, torch.tensor([40]))
     assert (got - want).abs().max() > 1e-3
+
+
+def test_backward_through_a_rewritten_site_says_why_not():
+    model, _ = _models()
+    torch._dynamo.reset()
+    run = torch.compile(model, backend=functools.partial(gsa_backend, options={"config": _config()}))
+    ids = torch.randint(0, 64, (2, PROMPT), generator=torch.Generator().manual_seed(3))
+    logits = run(ids, torch.arange(PROMPT))  # grad enabled: the forward compiles and runs
+    assert logits.requires_grad
+    with pytest.raises(gsa_compile.GSAError, match="inference-only"):
+        logits.sum().backward()
