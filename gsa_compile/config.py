@@ -370,14 +370,27 @@ class GSAConfig:
 
     # ------------------------------------------------------------------ derivation
     @classmethod
-    def for_model(cls, model_or_config: Any, **overrides) -> "GSAConfig":
+    def for_model(cls, model_or_config: Any, *example_args: Any, **kwargs: Any) -> "GSAConfig":
         """Derive a config (layers, head dim, MLA dims) for a model with the seed's default policy.
 
-        Accepts a transformers model, a transformers config, or a plain nn.Module holding
-        attention modules (nn.MultiheadAttention or modules with num_heads/head_dim)."""
-        derived = _derive_from_transformers(model_or_config)
-        if derived is None:
-            derived = _derive_from_module(model_or_config)
+        With example inputs (`for_model(model, *example_args, **example_kwargs)`), the model is
+        captured on them once (gsa_compile.inspect: nothing is rewritten) and the config is sized
+        from the attention sites of its graph: num_hidden_layers is one past the highest layer
+        id (the model's own layer index, or the site count in graph order), head_dim that of the
+        sites' keys. This works for any nn.Module, hand-written attention included. Without
+        inputs, it reads a transformers model or config, or a plain nn.Module's attention
+        modules (nn.MultiheadAttention or modules with num_heads/head_dim).
+        Keyword arguments that are GSAConfig fields override the derived values (e.g.
+        budget_tokens=2048); the others are example keyword inputs of the model."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        overrides = {name: value for name, value in kwargs.items() if name in names}
+        example_kwargs = {name: value for name, value in kwargs.items() if name not in names}
+        if example_args or example_kwargs:
+            derived = _derive_from_graph(model_or_config, example_args, example_kwargs)
+        else:
+            derived = _derive_from_transformers(model_or_config)
+            if derived is None:
+                derived = _derive_from_module(model_or_config)
         derived.update(overrides)
         return cls(**derived)
 
@@ -429,6 +442,42 @@ def _derive_from_transformers(obj: Any) -> Optional[dict]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     derived.update(head_dim=int(head_dim), hash_bits=_round_bits(int(head_dim)))
     return derived
+
+
+def _derive_from_graph(model: Any, example_args: tuple, example_kwargs: dict) -> dict:
+    import torch.nn as nn
+
+    from .api import inspect
+
+    if not isinstance(model, nn.Module):
+        raise GSAConfigError(
+            f"GSAConfig.for_model with example inputs takes the nn.Module to run on them, got {type(model).__name__}"
+        )
+    report = inspect(model, *example_args, **example_kwargs)
+    if not report.sites:
+        unmatched = "; ".join(f"{item.location}: {item.reason}" for item in report.unmatched) or "none"
+        raise GSAConfigError(
+            f"the graph of {type(model).__name__} on the example inputs has no attention site to size a config "
+            f"from (candidates left dense: {unmatched})"
+        )
+    layers = max(site.layer for site in report.sites) + 1
+    head_dims = sorted({site.head_dim for site in report.sites})
+    try:
+        derived = _derive_from_transformers(model) or {}
+    except GSAConfigError:  # a transformers config without the usual sizes: the graph has them
+        derived = {}
+    if derived.get("is_mla"):
+        # MLA dims come from the model's config; the graph gives the depth.
+        return {**derived, "num_hidden_layers": layers}
+    if len(head_dims) > 1:
+        logger.info("GSA: sites of %s have key dims %s; head_dim (the default hash_bits) follows the largest",
+                    type(model).__name__, head_dims)
+    return {
+        "model_name": derived.get("model_name") or type(model).__name__,
+        "num_hidden_layers": layers,
+        "head_dim": head_dims[-1],
+        "hash_bits": _round_bits(head_dims[-1]),
+    }
 
 
 def _derive_from_module(module: Any) -> dict:

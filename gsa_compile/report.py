@@ -20,6 +20,7 @@ class Site:
     reuse_of: Optional[int] = None
     gqa_groups: int = 1
     note: str = ""
+    head_dim: int = 0  # the keys' feature size (what the hash weights project)
 
 
 @dataclass

@@ -25,5 +25,6 @@ def report_sites(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
             reuse_of=context.reuse_sources.get(layer),
             gqa_groups=match.gqa_groups,
             note="; ".join(notes),
+            head_dim=match.key_geometry()[1],
         ))
     return gm

@@ -36,6 +36,7 @@ def _site_options(context: PassContext, match) -> dict:
         options.update(
             query_permute=match.query_permute, key_permute=match.key_permute, value_permute=match.value_permute,
             output_permute=match.output_permute, key_transposed=match.key_transposed,
+            finite_fill=match.finite_fill,
         )
     return options
 

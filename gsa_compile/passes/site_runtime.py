@@ -22,14 +22,15 @@ def gsa_site(
     key_norm_weighting: bool, invert_mask: bool, is_causal: bool, scale: Optional[float], softcap: Optional[float],
     query_permute: Optional[Sequence[int]] = None, key_permute: Optional[Sequence[int]] = None,
     value_permute: Optional[Sequence[int]] = None, output_permute: Optional[Sequence[int]] = None,
-    key_transposed: bool = False, chunk_size: int, top_k_ratio: Optional[float], budget_tokens: Optional[int],
+    key_transposed: bool = False, finite_fill: bool = False, chunk_size: int, top_k_ratio: Optional[float], budget_tokens: Optional[int],
     must_select: Sequence[int], repre: str, scope: str, seq_len_threshold: int, concurrency_threshold: int,
 ) -> tuple[Tensor, Tensor]:
     """key_codes (and key_norms) come from the codes state when a cache feeds the keys; None
     means no cache: the site encodes its keys now, or, when it reuses another layer's
     selection (reuse_blocks given), computes no codes at all. scale_input: a scale the graph
     computes (a tensor or number), folded into the query: multiplied, or divided by when
-    scale_divides."""
+    scale_divides. finite_fill: the (bool) mask comes from a fill with a finite value, so a query
+    row whose every key is masked gets eager's answer, the mean of V."""
     query = query if query_permute is None else query.permute(*query_permute)
     if scale_input is not None:
         query = query / scale_input if scale_divides else query * scale_input
@@ -44,6 +45,12 @@ def gsa_site(
             attn_mask = attn_mask.logical_not()
         if folded_heads and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
+        if finite_fill:
+            # Such a row has one score everywhere (the fill): softmax is uniform over all keys. A
+            # zero query attending every key gives the same; other rows are untouched.
+            empty = attn_mask.logical_not().all(-1, keepdim=True)
+            attn_mask = attn_mask.logical_or(empty)
+            query = query.masked_fill(empty, 0)
     if key_codes is None and reuse_blocks is not None:
         # Shape-only codes: gsa::attention reads the reused selection, never these.
         key_codes = key.new_zeros((), dtype=torch.uint8).expand(*key.shape[:3], weight.shape[-1] // 8)

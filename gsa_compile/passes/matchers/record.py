@@ -21,6 +21,9 @@ class AttentionMatch:
     value: fx.Node
     attn_mask: Optional[fx.Node] = None  # SDPA semantics: bool keeps True, float is added
     invert_mask: bool = False  # the mask node is a masked_fill condition (True = masked out)
+    # The bool mask came from a fill with a finite value: a row whose every key is masked then
+    # has equal scores everywhere, and eager softmax gives the mean of V there (not zero).
+    finite_fill: bool = False
     scale: Optional[float] = None  # None: 1 / sqrt(head dim)
     # A scale computed in the graph (node, "mul" or "div"); the site folds it into q.
     scale_input: Optional[tuple] = None

@@ -1,20 +1,30 @@
 """Rule: hand-written attention, scores -> softmax -> weighted sum of values.
 
-Pattern (anchored at the softmax over the last axis):
-    scores = q @ k^T   (matmul / bmm / einsum, BHSD or BSHD, 3-D with heads folded)
+Pattern (anchored at the softmax over the last axis, softmax or _safe_softmax):
+    scores = q @ k^T   (matmul / bmm / einsum, BHSD or BSHD, 3-D with heads folded;
+                        baddbmm(bias, q, k^T, alpha=a) is q @ k^T scaled by a plus the bias)
     scores = scores * c | scores / c            (any number, constants; none = pre-scaled q)
     scores = tanh(scores / cap) * cap           (optional softcap)
-    scores = scores + mask | scores.masked_fill(cond, -inf) | where(keep, scores, -inf)
-    probs  = softmax(scores [.float()], -1) [.to(q.dtype)] [dropout(p=0 or eval)]
+    scores = scores + mask | scores += mask | scores.masked_fill(cond, fill)
+             | where(keep, scores, fill) | where(cond, fill, scores)
+    probs  = softmax(scores [.float()], -1) [.to(q.dtype) | .type_as(scores)] [dropout(p=0 or eval)]
     out    = probs @ v  (matmul / bmm / einsum)
-Casts between float dtypes may sit anywhere in the chain (GSA computes in float32).
-Check: every intermediate has one user (scores and probabilities are not read elsewhere), scale
-before softcap before mask, masks fill with -inf (or a value <= -1e4) and softmax is over keys.
-Rewrite record: q, k (repeat unwrapped, layout permutations), v, mask, scale, softcap."""
+Casts between float dtypes and clones may sit anywhere in the chain (GSA computes in float32).
+A fill is a number or a constant tensor (torch.full((), v), torch.tensor(v)) at or below -1e4.
+Check: every intermediate has one reader that uses its values (type_as / expand_as read only
+its dtype or shape), scale before softcap before mask, at most one mask, softmax over keys, the
+two operands of an add are not both products (q @ r^T + q @ k^T: which one holds the keys is not
+provable). Anything else between two products is reported with the op that stopped the rule.
+Rewrite record: q, k (repeat unwrapped, layout permutations), v, mask, scale, softcap; a finite
+fill is recorded so that a row whose every key is masked gives eager's answer (the mean of V).
+Rewrite (graph, before the site replaces the chain): in-place adds of the chain become adds,
+type_as(x, scores) becomes x.to(dtype) and expand_as(mask, scores) the mask itself, so that
+nothing outside the replaced chain keeps reading the dense scores."""
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Union
 
 import torch
@@ -24,14 +34,28 @@ from ..fx_utils import arg, bound_args, dtype, is_op, module_path, normalize_dim
 from .record import AttentionMatch, NotProvable
 from .repeat_kv import unwrap_repeat
 
-PRODUCTS = ("matmul", "bmm", "einsum")
+PRODUCTS = ("matmul", "bmm", "einsum", "baddbmm")
 # A fill at or below this is "masked": softmax gives such keys weight exp(-1e4) ~ 0 in any dtype.
 MASK_FILL_LIMIT = -1e4
+# Ops the scores pass through on their way to the softmax (what _leads_to_product follows).
+SCORE_STEPS = ("cast", "mul", "div", "add", "iadd", "masked_fill", "where", "tanh", "contiguous")
+# Readers of a tensor that use only its dtype or shape (the tensor is their second operand).
+METADATA_READERS = ("type_as", "expand_as")
+# How far around a softmax to look for the two products of a candidate the rule could not read.
+CANDIDATE_DEPTH = 8
 
 
 def match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
     if not is_op(node, "softmax"):
         return None
+    found = _match(node)
+    if found is None and _between_products(node):
+        return NotProvable(node, "a softmax between two products, but the steps around it are not the scale / "
+                                 "softcap / mask / cast chain of attention that the rule reads")
+    return found
+
+
+def _match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
     scores_shape = shape(node)
     if scores_shape is None or len(scores_shape) not in (3, 4):
         return None
@@ -43,31 +67,61 @@ def match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
         return pv
     pv_node, probs_input = pv
     chain = _up_to_scores(node.args[0])
-    if isinstance(chain, NotProvable):
+    if isinstance(chain, NotProvable) or chain is None:
         return chain
     qk_node, steps = chain
-    if not is_op(qk_node, *PRODUCTS):
-        return None
     record = _scores_record(qk_node, steps, node)
     if isinstance(record, NotProvable):
         return record
-    return _finish(record, qk_node, pv_node, probs_input, node)
+    found = _finish(record, qk_node, pv_node, probs_input, node)
+    if isinstance(found, AttentionMatch):
+        found.nodes = [qk_node, *(step[1] for step in reversed(steps)), node, pv_node]
+    return found
 
 
-def _single_user(node: fx.Node) -> Optional[fx.Node]:
-    users = real_users(node)
-    return users[0] if len(users) == 1 else None
+def rewrite(found: AttentionMatch) -> None:
+    """Make the chain's own nodes the only readers of the scores (see the module docstring)."""
+    chain = found.nodes[:-1]
+    for node in chain:
+        if is_op(node, "iadd") and node.op == "call_function":
+            node.target = operator.add
+        elif is_op(node, "iadd"):
+            node.target = "add"
+        for user in list(node.users):
+            if user.op == "call_method" and user.target == "type_as" and user.args[0] is not node \
+                    and dtype(node) is not None:
+                with node.graph.inserting_before(user):
+                    cast = node.graph.call_method("to", (user.args[0], dtype(node)))
+                cast.meta.update(user.meta)
+                user.replace_all_uses_with(cast)
+                node.graph.erase_node(user)
+                if found.output is user:
+                    found.output = cast
+    mask = found.attn_mask
+    if is_op(mask, "expand_as") and mask.args[1] in chain:
+        found.attn_mask = mask.args[0]
+        for user in list(mask.users):
+            user.replace_input_with(mask, mask.args[0])
+        mask.graph.erase_node(mask)
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """Users that read the values of `node` (not only its dtype or shape, not metadata asserts)."""
+    return [user for user in real_users(node)
+            if not (user.op == "call_method" and user.target in METADATA_READERS and len(user.args) > 1
+                    and user.args[1] is node and user.args[0] is not node)]
 
 
 def _down_to_weighted_sum(softmax: fx.Node):
-    """Follow casts and no-op dropout to the product with values: (pv_node, probs operand)."""
+    """Follow casts, clones and no-op dropout to the product with values: (pv_node, probs operand)."""
     current = softmax
     while True:
-        user = _single_user(current)
-        if user is None:
+        users = _value_users(current)
+        if len(users) != 1:
             return NotProvable(softmax, "attention probabilities are read elsewhere too (returned or reused); "
                                         "replacing them is not equivalent")
-        if is_op(user, "cast"):
+        user = users[0]
+        if is_op(user, "cast", "contiguous"):
             current = user
             continue
         if is_op(user, "dropout"):
@@ -78,6 +132,9 @@ def _down_to_weighted_sum(softmax: fx.Node):
             continue
         if is_op(user, *PRODUCTS):
             return user, current
+        if _reaches(user, PRODUCTS, downstream=True):
+            return NotProvable(user, f"{_describe(user)} between the softmax and the product with values is not "
+                                     f"a cast, clone or no-op dropout")
         return None
 
 
@@ -96,7 +153,7 @@ def _up_to_scores(node):
     current = node
     while isinstance(current, fx.Node) and not is_op(current, *PRODUCTS):
         name = op_name(current)
-        if name == "cast":
+        if name in ("cast", "contiguous"):
             steps.append(("cast", current, None))
             nxt = current.args[0]
         elif name in ("mul", "div"):
@@ -117,8 +174,11 @@ def _up_to_scores(node):
                                                 "it symbolic); GSA takes a constant softcap")
                 steps.append(("graph_scale", current, (factor, name)))
                 nxt = scores_side
-        elif name == "add":
+        elif name in ("add", "iadd"):
             left, right = current.args[0], current.args[1] if len(current.args) > 1 else current.kwargs.get("other")
+            if _leads_to_product(left) and _leads_to_product(right):
+                return NotProvable(current, "both operands of the add are products (q @ r^T + q @ k^T, a relative "
+                                            "position bias?): which one holds the keys is not provable")
             scores_side, mask = _pick_scores_side(left, right)
             if scores_side is None:
                 return None
@@ -127,27 +187,107 @@ def _up_to_scores(node):
             steps.append(("add_mask", current, mask))
             nxt = scores_side
         elif name == "masked_fill":
-            fill = current.args[2] if len(current.args) > 2 else current.kwargs.get("value")
-            if not _is_mask_fill(fill):
-                return NotProvable(current, f"masked_fill value {fill!r} is not -inf or <= {MASK_FILL_LIMIT}")
-            steps.append(("fill_mask", current, current.args[1]))
+            fill = _fill_value(arg(current, 2, "value"))
+            if fill is None:
+                return NotProvable(current, f"masked_fill value {arg(current, 2, 'value')!r} is not a constant at or "
+                                            f"below {MASK_FILL_LIMIT} (or -inf)")
+            steps.append(("fill_mask", current, (current.args[1], fill)))
             nxt = current.args[0]
         elif name == "where":
-            cond, keep, fill = (list(current.args) + [None] * 3)[:3]
-            if not _is_mask_fill(fill):
-                return NotProvable(current, f"where(..., {fill!r}) is not a mask fill with -inf or <= {MASK_FILL_LIMIT}")
-            steps.append(("keep_mask", current, cond))
-            nxt = keep
+            cond, keep, other = (list(current.args) + [None] * 3)[:3]
+            fill, other_fill = _fill_value(other), _fill_value(keep)
+            if fill is not None and _leads_to_product(keep):
+                steps.append(("keep_mask", current, (cond, fill)))
+                nxt = keep
+            elif other_fill is not None and _leads_to_product(other):
+                steps.append(("fill_mask", current, (cond, other_fill)))
+                nxt = other
+            else:
+                return NotProvable(current, f"where(..., {keep!r}, {other!r}) is not a mask fill with a constant at or "
+                                            f"below {MASK_FILL_LIMIT} (or -inf)")
+        elif _reaches(current, PRODUCTS, downstream=False):
+            return NotProvable(current, f"{_describe(current)} between the scores product and the softmax is not a "
+                                        f"scale, softcap, mask, cast or clone")
         else:
             return None
-        if len(real_users(current)) != 1:
+        if len(_value_users(current)) != 1:
             return NotProvable(current, "attention scores are read elsewhere too; replacing them is not equivalent")
         current = nxt
     if not isinstance(current, fx.Node):
         return None
-    if len(real_users(current)) != 1:
+    if len(_value_users(current)) != 1:
         return NotProvable(current, "attention scores are read elsewhere too; replacing them is not equivalent")
+    if is_op(current, "baddbmm"):
+        found = _baddbmm_steps(current)
+        if isinstance(found, NotProvable):
+            return found
+        steps.extend(found)
     return current, steps
+
+
+def _baddbmm_steps(node: fx.Node):
+    """baddbmm(bias, q, k^T, beta=b, alpha=a) = a * (q @ k^T) + b * bias: a scale, then the bias as
+    an additive mask (b = 1) or nothing (b = 0); steps nearest-first like _up_to_scores."""
+    beta, alpha = arg(node, 3, "beta", 1), arg(node, 4, "alpha", 1)
+    if node.op == "call_method":
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (alpha, beta)):
+        return NotProvable(node, f"baddbmm with alpha={alpha!r}, beta={beta!r}: only constants are read")
+    steps = [("scale", node, float(alpha))]
+    if beta == 0:
+        return steps
+    if beta != 1:
+        return NotProvable(node, f"baddbmm with beta={beta}: the bias would have to be scaled; only beta 1 or 0")
+    return [("add_mask", node, node.args[0]), *steps]
+
+
+def _product_operands(node: fx.Node) -> tuple:
+    """(left, right) of a scores or values product (baddbmm: its batch1, batch2)."""
+    if is_op(node, "baddbmm"):
+        args = list(node.args) + [None] * 3
+        return node.kwargs.get("batch1", args[1]), node.kwargs.get("batch2", args[2])
+    return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+
+
+def _fill_value(fill) -> Optional[float]:
+    """The constant a mask fills with, when it is a number or a constant tensor at or below the limit."""
+    if isinstance(fill, fx.Node):
+        if is_op(fill, "full"):
+            fill = arg(fill, 2 if fill.op == "call_method" else 1, "fill_value")
+        elif is_op(fill, "scalar_tensor"):
+            fill = fill.args[0] if fill.args else None
+        elif fill.op == "get_attr":
+            owner = fill.graph.owning_module
+            constant = getattr(owner, str(fill.target), None) if owner is not None else None
+            fill = constant.item() if isinstance(constant, torch.Tensor) and constant.numel() == 1 else None
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or fill > MASK_FILL_LIMIT:
+        return None
+    return float(fill)
+
+
+def _reaches(node: fx.Node, names: tuple, downstream: bool) -> bool:
+    """Whether an op in `names` is within CANDIDATE_DEPTH steps of node (through users or inputs)."""
+    frontier, seen = [node], set()
+    for _ in range(CANDIDATE_DEPTH):
+        following = []
+        for current in frontier:
+            if current in seen:
+                continue
+            seen.add(current)
+            if current is not node and is_op(current, *names):
+                return True
+            following.extend(current.users if downstream else current.all_input_nodes)
+        frontier = following
+    return False
+
+
+def _between_products(softmax: fx.Node) -> bool:
+    return _reaches(softmax, PRODUCTS, downstream=False) and _reaches(softmax, PRODUCTS, downstream=True)
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    return f"{target} ({node.name})"
 
 
 def _tensor_and_constant(node: fx.Node):
@@ -187,7 +327,7 @@ def _softcap_of(node: fx.Node):
     if not isinstance(divided, fx.Node) or len(real_users(divided)) != 1:
         return None
     source, const = _tensor_and_constant(divided)
-    if source is None:
+    if source is None or const == 0:
         return None
     inverse = 1.0 / const if op_name(divided) == "mul" else const
     if op_name(divided) not in ("mul", "div") or not math.isclose(inverse, cap, rel_tol=1e-6):
@@ -203,23 +343,21 @@ def _pick_scores_side(left, right):
     return None, None
 
 
-def _leads_to_product(node: fx.Node) -> bool:
-    while isinstance(node, fx.Node):
+def _leads_to_product(node) -> bool:
+    for _ in range(64):  # a chain of score steps is short; a bound keeps odd graphs finite
+        if not isinstance(node, fx.Node):
+            return False
         if is_op(node, *PRODUCTS):
             return True
-        if op_name(node) not in ("cast", "mul", "div", "add", "masked_fill", "where", "tanh"):
+        if op_name(node) not in SCORE_STEPS + ("tanh",) or not node.args:
             return False
-        node = node.args[1] if op_name(node) == "where" else node.args[0]
+        node = node.args[1] if op_name(node) == "where" and len(node.args) > 1 else node.args[0]
     return False
-
-
-def _is_mask_fill(fill) -> bool:
-    return isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill <= MASK_FILL_LIMIT
 
 
 def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
     """Scale, softcap and mask from the steps, read from the product towards the softmax."""
-    scale, softcap, mask, mask_kind, graph_scale = 1.0, None, None, "", None
+    scale, softcap, mask, mask_kind, graph_scale, fill = 1.0, None, None, "", None, None
     for kind, node, payload in reversed(steps):
         if kind == "cast":
             continue
@@ -240,9 +378,13 @@ def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
             if mask is not None:
                 return NotProvable(node, "more than one mask is applied to the scores; combine them into one")
             mask, mask_kind = payload, kind
+            if kind != "add_mask":
+                mask, fill = payload
     if mask_kind == "add_mask" and not _is_float_tensor(mask):
         return NotProvable(softmax, "the tensor added to the scores is not a float mask")
-    return scale, softcap, mask, mask_kind, graph_scale
+    if mask_kind in ("fill_mask", "keep_mask") and not isinstance(mask, fx.Node):
+        return NotProvable(softmax, f"the mask condition {mask!r} is not a tensor of the graph")
+    return scale, softcap, mask, mask_kind, graph_scale, fill
 
 
 def _is_float_tensor(node) -> bool:
@@ -251,7 +393,7 @@ def _is_float_tensor(node) -> bool:
 
 
 def _finish(record, qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node, softmax: fx.Node):
-    scale, softcap, mask, mask_kind, graph_scale = record
+    scale, softcap, mask, mask_kind, graph_scale, fill = record
     layout = _layout_of(qk_node, pv_node, probs_input)
     if isinstance(layout, NotProvable):
         return layout
@@ -264,6 +406,7 @@ def _finish(record, qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node, so
         value=value,
         attn_mask=mask,
         invert_mask=mask_kind == "fill_mask",
+        finite_fill=fill is not None and math.isfinite(fill),
         scale=scale,
         scale_input=graph_scale,
         softcap=softcap,
@@ -290,7 +433,9 @@ def _layout_of(qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node):
         return _einsum_layout(qk_node, pv_node, probs_input)
     if is_op(pv_node, "einsum"):
         return NotProvable(pv_node, "scores from a matmul but values summed by einsum; mixed spellings not proven")
-    query, key_t = qk_node.args[0], qk_node.args[1]
+    if is_op(pv_node, "baddbmm"):
+        return NotProvable(pv_node, "values summed by baddbmm (a bias added to the output) is not attention")
+    query, key_t = _product_operands(qk_node)
     if pv_node.args[0] is not probs_input:
         return NotProvable(pv_node, "probabilities are the right operand of the value product (v @ p)")
     value = pv_node.args[1]

@@ -1,0 +1,366 @@
+"""Coverage of the FX route: every causal LM of the installed transformers, compiled with
+torch.compile(model, backend="gsa") and its default compiler (Inductor), against eager.
+
+    python benchmarks/coverage_fx.py                       # the whole sweep (long on a small CPU)
+    python benchmarks/coverage_fx.py --sample 8            # a seeded sample of 8 architectures
+    python benchmarks/coverage_fx.py --models llama gpt2   # named architectures
+    python benchmarks/coverage_fx.py --retry-failed        # re-run what did not pass, keep the rest
+    python benchmarks/coverage_fx.py --table-only          # rewrite the table from the JSON
+
+Each architecture of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES is built from a tiny config (hidden 64,
+2 layers (4 where a hybrid pattern has no attention layer in 2), 4 query / 2 KV heads of dim
+16, vocab 128, random weights; no download). The GSA config is sized from the captured graph
+(GSAConfig.for_model(model, ids)) at full budget: every site sparse at ratio 0.999, thresholds
+0, chunk 16, no must-select blocks, so the rewritten model must give eager's logits to
+rounding, at prefill (16 tokens) and at one decode step on the cache. Every architecture runs in
+its own forked process with a timeout. Results are written after each architecture to the JSON
+(--out) and a markdown table (--table): status, sites, max |logit difference|, the error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import re
+import sys
+import time
+import traceback
+import warnings
+
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # forked workers: no compile pool per model
+
+import torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from gsa_compile.tables import format_table, write_json  # noqa: E402
+
+DEFAULT_JSON = os.path.join(HERE, "results", "coverage_fx.json")
+DEFAULT_TABLE = os.path.join(ROOT, "docs", "coverage_fx.md")
+
+# The tiny sizes; each is set only where the architecture's config has the field (aliases such
+# as GPT-2's n_embd resolve through the config's attribute_map).
+TINY = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    intermediate_size=128, vocab_size=128, max_position_embeddings=256,
+    # mixture of experts: few, small experts
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=32, n_group=1, topk_group=1,
+    # MLA
+    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    # encoder-decoder heads used as decoders
+    d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=128, decoder_ffn_dim=128,
+)
+HYBRID_LAYERS = 4
+PROMPT = 16
+ATOL, RTOL = 2e-4, 2e-4
+FULL_BUDGET = dict(chunk_size=16, must_select_blocks=[], cpu_seq_len_threshold=0, cpu_concurrency_threshold=0,
+                   budget_tokens=None)
+
+
+def architectures() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def tiny_config(model_type: str, layers: int = TINY["num_hidden_layers"]):
+    """The architecture's default config with the tiny sizes it has fields for."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    text = default.get_text_config() if hasattr(default, "get_text_config") else default
+    sizes = {name: size for name, size in TINY.items() if hasattr(text, name)}
+    for name in ("num_hidden_layers", "encoder_layers", "decoder_layers"):
+        if name in sizes:
+            sizes[name] = layers
+    if text is default:
+        return AutoConfig.for_model(model_type, **sizes)
+    # Composite configs (a text config inside): size the text part.
+    text_type = getattr(text, "model_type", None)
+    sized_text = AutoConfig.for_model(text_type, **sizes) if text_type else text
+    for name in ("text_config", "decoder", "language_config"):
+        if getattr(default, name, None) is text:
+            return AutoConfig.for_model(model_type, **{name: sized_text.to_dict()})
+    return default
+
+
+def _has_attention_layer(config) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if not types:
+        return True
+    return any("attention" in str(kind) and "linear" not in str(kind) or "full" in str(kind) or "sliding" in str(kind)
+               for kind in types)
+
+
+def build(model_type: str):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type)
+    if not _has_attention_layer(config):
+        config = tiny_config(model_type, layers=HYBRID_LAYERS)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _logits(output):
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _cache(output):
+    return getattr(output, "past_key_values", None)
+
+
+def _max_diff(a, b) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _close(a, b) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), atol=ATOL, rtol=RTOL))
+
+
+def run_one(model_type: str, compiler: str = "inductor") -> dict:
+    """Build, run eager, size the config from the graph, compile with the gsa backend, compare."""
+    import gsa_compile
+
+    result = {"model": model_type, "status": "", "stage": "", "sites": None, "sparse_sites": None,
+              "unmatched": [], "prefill_diff": None, "decode_diff": None, "error": "", "seconds": 0.0}
+    start = time.time()
+    stage = "build"
+    try:
+        model = build(model_type)
+        result["architecture"] = type(model).__name__
+        vocab = model.get_input_embeddings().weight.shape[0] if model.get_input_embeddings() is not None else 128
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, min(vocab, 128), (1, PROMPT), generator=generator)
+        stage = "eager"
+        with torch.no_grad():
+            prefill = model(ids, use_cache=True)
+            following = _logits(prefill)[:, -1:].argmax(-1)
+            cache = _cache(prefill)
+            step_inputs = (following, cache) if cache is not None else (torch.cat([ids, following], 1), None)
+            step = model(step_inputs[0], past_key_values=step_inputs[1], use_cache=cache is not None)
+        result["decode"] = "cache" if cache is not None else "no cache: the longer prompt again"
+        stage = "size"
+        try:
+            config = gsa_compile.GSAConfig.for_model(model, ids, use_cache=True)
+        except gsa_compile.GSAConfigError as exc:
+            if "no attention site" not in str(exc):
+                raise
+            result.update(status="no_sites", stage=stage, sites=0, error=str(exc), seconds=round(time.time() - start, 1))
+            return result
+        config = config.replace(top_k_ratio_per_layer=[0.999] * config.num_hidden_layers, **FULL_BUDGET)
+        stage = "compile"
+        torch._dynamo.reset()
+        reports = []
+        compiled = torch.compile(model, backend="gsa", options={"config": config, "compiler": compiler,
+                                                                 "reports": reports})
+        with torch.no_grad():
+            stage = "prefill"
+            got = compiled(ids, use_cache=True)
+            result["prefill_diff"] = _max_diff(_logits(got), _logits(prefill))
+            got_cache = _cache(got)
+            stage = "decode"
+            got_step = compiled(following if got_cache is not None else step_inputs[0], past_key_values=got_cache,
+                                use_cache=got_cache is not None)
+            result["decode_diff"] = _max_diff(_logits(got_step), _logits(step))
+        sites = {(site.layer, site.module_path): site.policy for report in reports for site in report.sites}
+        result["sites"] = len(sites)
+        result["sparse_sites"] = sum(policy != "dense" for policy in sites.values())
+        result["unmatched"] = sorted({f"{item.location}: {item.reason}" for report in reports
+                                      for item in report.unmatched})
+        stage = "compare"
+        if not result["sites"]:
+            result["status"] = "no_sites"
+            result["error"] = "no attention site found" + (f"; left dense: {result['unmatched'][0]}"
+                                                          if result["unmatched"] else "")
+        elif _close(_logits(got), _logits(prefill)) and _close(_logits(got_step), _logits(step)):
+            result["status"] = "pass"
+        else:
+            result["status"] = "mismatch"
+            result["error"] = f"logits differ from eager: prefill {result['prefill_diff']:.3g}, decode " \
+                              f"{result['decode_diff']:.3g}"
+    except Exception as exc:  # every failure is a result of the sweep, with its stage
+        result["status"] = "unbuildable" if stage in ("build", "eager") else "error"
+        result["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        result["traceback"] = traceback.format_exc()[-3000:]
+    result["stage"] = stage
+    result["seconds"] = round(time.time() - start, 1)
+    return result
+
+
+def _worker(model_type, compiler, queue):
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    queue.put(run_one(model_type, compiler))
+
+
+def run_isolated(model_type: str, compiler: str, timeout: float) -> dict:
+    """run_one in a forked process (a crash or hang costs one architecture, not the sweep)."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=_worker, args=(model_type, compiler, queue))
+    start = time.time()
+    process.start()
+    try:
+        return queue.get(timeout=timeout)
+    except Exception:
+        return {"model": model_type, "status": "timeout" if process.is_alive() else "error", "stage": "",
+                "error": f"no result within {timeout:.0f} s" if process.is_alive()
+                else f"worker died (exit code {process.exitcode})", "seconds": round(time.time() - start, 1)}
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+# ---------------------------------------------------------------------- the table
+COUNTED = ("pass", "mismatch", "error", "timeout", "no_sites")  # buildable architectures
+
+
+def failure_group(result: dict) -> str:
+    """The error with numbers and names generalised, so alike failures group together."""
+    if result["status"] == "timeout":
+        return "timeout"
+    if result["status"] == "mismatch":
+        return "logits differ from eager"
+    if result["status"] == "no_sites":
+        return "no attention site found"
+    text = result.get("error", "").splitlines()[0] if result.get("error") else ""
+    text = re.sub(r"\d+", "N", text)
+    text = re.sub(r"'[^']*'", "'…'", text)
+    return f"{result.get('stage', '')}: {text[:160]}"
+
+
+def summary(results: dict) -> dict:
+    counted = [r for r in results.values() if r["status"] in COUNTED]
+    passed = [r for r in counted if r["status"] == "pass"]
+    groups: dict = {}
+    for result in counted:
+        if result["status"] != "pass":
+            groups.setdefault(failure_group(result), []).append(result["model"])
+    return {
+        "architectures": len(results),
+        "buildable": len(counted),
+        "passed": len(passed),
+        "unbuildable": sum(r["status"] == "unbuildable" for r in results.values()),
+        "failure_groups": dict(sorted(groups.items(), key=lambda item: -len(item[1]))),
+    }
+
+
+def markdown(payload: dict) -> str:
+    results, meta = payload["models"], payload["meta"]
+    totals = summary(results)
+    lines = [
+        "# FX route coverage (torch.compile backend \"gsa\", Inductor)",
+        "",
+        f"Every causal LM of transformers {meta['transformers']} (torch {meta['torch']}) built from a tiny config "
+        f"with random weights, compiled with `torch.compile(model, backend=\"gsa\", options={{\"config\": ...}})` "
+        f"(compiler {meta['compiler']}), the config sized from the graph (`GSAConfig.for_model(model, ids)`) "
+        f"at full budget; logits compared with eager at prefill ({PROMPT} tokens) and one decode step "
+        f"(atol {ATOL}, rtol {RTOL}). Written by `python benchmarks/coverage_fx.py` "
+        f"({meta.get('command', '')}).",
+        "",
+        f"**{totals['passed']} of {totals['buildable']} buildable architectures pass** "
+        f"({totals['architectures']} run, {totals['unbuildable']} not buildable from a tiny config or failing "
+        f"in eager).",
+        "",
+        "## Failure groups",
+        "",
+    ]
+    rows = [("architectures", "failure", "examples")]
+    for group, models in totals["failure_groups"].items():
+        rows.append((len(models), group.replace("|", "/"), ", ".join(models[:6]) + (" …" if len(models) > 6 else "")))
+    lines += _markdown_table(rows) + ["", "## Per architecture", ""]
+    rows = [("model", "status", "sites (sparse)", "prefill diff", "decode diff", "seconds", "error or unmatched")]
+    for name in sorted(results):
+        r = results[name]
+        note = r.get("error") or "; ".join(r.get("unmatched") or [])
+        sites = "" if r.get("sites") is None else f"{r['sites']} ({r.get('sparse_sites')})"
+        rows.append((name, r["status"], sites, _fmt(r.get("prefill_diff")), _fmt(r.get("decode_diff")),
+                     r.get("seconds", ""), note.splitlines()[0][:140].replace("|", "/") if note else ""))
+    lines += _markdown_table(rows)
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.1e}"
+
+
+def _markdown_table(rows) -> list[str]:
+    head, *body = rows
+    out = ["| " + " | ".join(str(c) for c in head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return out
+
+
+def write(payload: dict, json_path: str, table_path: str) -> None:
+    payload["summary"] = summary(payload["models"])
+    write_json(json_path, payload)
+    if table_path:
+        os.makedirs(os.path.dirname(os.path.abspath(table_path)), exist_ok=True)
+        with open(table_path, "w") as handle:
+            handle.write(markdown(payload))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", help="architectures (model_type) to run; default: all")
+    parser.add_argument("--sample", type=int, help="a seeded random sample of this many architectures")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per architecture")
+    parser.add_argument("--compiler", default="inductor", choices=("inductor", "aot_eager", "eager"))
+    parser.add_argument("--out", default=DEFAULT_JSON, help="JSON results (updated after each architecture)")
+    parser.add_argument("--table", default=DEFAULT_TABLE, help="markdown table ('' for none)")
+    parser.add_argument("--retry-failed", action="store_true", help="keep passed results of --out, re-run the rest")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table from --out")
+    args = parser.parse_args(argv)
+    import transformers
+
+    payload = {"meta": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "compiler": args.compiler, "command": " ".join(sys.argv[1:]) or "all"}, "models": {}}
+    if args.table_only or args.retry_failed:
+        with open(args.out) as handle:
+            previous = json.load(handle)
+        payload["models"] = previous["models"]
+        if args.table_only:
+            payload["meta"] = previous["meta"]
+            write(payload, args.out, args.table)
+            return payload
+    names = args.models or architectures()
+    if args.sample:
+        names = sorted(random.Random(args.seed).sample(names, min(args.sample, len(names))))
+    if args.retry_failed:
+        names = [n for n in names if payload["models"].get(n, {}).get("status") not in ("pass", "unbuildable")]
+    # Alike models sit together in the alphabet; a shuffled order makes a partial sweep a fair sample.
+    random.Random(args.seed).shuffle(names)
+    from tqdm import tqdm
+
+    progress = tqdm(names, unit="model", dynamic_ncols=True)
+    for name in progress:
+        progress.set_description(name)
+        payload["models"][name] = run_isolated(name, args.compiler, args.timeout)
+        write(payload, args.out, args.table)
+        totals = payload["summary"]
+        progress.set_postfix(passed=f"{totals['passed']}/{totals['buildable']}")
+    totals = payload["summary"]
+    rows = [("passed", "buildable", "run", "unbuildable")]
+    rows.append((totals["passed"], totals["buildable"], totals["architectures"], totals["unbuildable"]))
+    print(format_table(rows))
+    for group, models in totals["failure_groups"].items():
+        print(f"{len(models):4d}  {group}  ({', '.join(models[:5])})")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
