@@ -17,7 +17,7 @@ import torch
 from .capture.dynamo_backend import COMPILERS, gsa_backend, parameter_names, resolve_config_option
 from .capture.export import export
 from .config import GSAConfig
-from .errors import GSAConfigError, GSAInputError
+from .errors import GSAConfigError, GSAError, GSAInputError
 from .passes import PassContext, run_pipeline
 from .passes.codes_state import CodesState
 from .report import Report
@@ -120,11 +120,12 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
 def inspect(model: torch.nn.Module, *example_args, config: Any = None, **example_kwargs) -> Report:
     """Run `model` once on the example inputs under a capturing backend and report every
     attention site (layer, pattern, policy) and every candidate left dense with the reason.
-    Nothing is rewritten; the model is not modified."""
+    Nothing is rewritten; the model is not modified. An explicit config that does not fit the
+    graph's sites raises GSAConfigError (as torch.compile and export would)."""
     resolved = resolve_config_option(config)
     derived = resolved is None
     if derived:
-        resolved = config_for_graph(model) if _is_transformers_model(model) else None
+        resolved = _derived_config(model) if _is_transformers_model(model) else None
     report = Report(route="inspect")
     names = parameter_names(model)
 
@@ -136,6 +137,12 @@ def inspect(model: torch.nn.Module, *example_args, config: Any = None, **example
         report.unmatched.extend(context.report.unmatched)
         return gm.forward
 
-    with torch.no_grad():
-        torch.compile(model, backend=capture, dynamic=False)(*example_args, **example_kwargs)
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=capture, dynamic=False)(*example_args, **example_kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        # The passes' own errors (a config that does not fit) reach the caller as themselves.
+        if isinstance(exc.inner_exception, GSAError):
+            raise exc.inner_exception from None
+        raise
     return report

@@ -174,3 +174,20 @@ def real_users(node: fx.Node) -> list[fx.Node]:
 
 def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
+
+
+def captured_whole_forward() -> bool:
+    """Whether the graph dynamo is handing to a backend right now holds a whole call: it did
+    not end at a graph break and is not the resumed rest of a frame that did. False outside
+    a dynamo compile (a torch.export graph is whole by construction: callers know that)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # not inside dynamo's tracing of a frame
+        return False
+    if tx is None:
+        return False
+    reason = getattr(tx.output, "compile_subgraph_reason", None)
+    resumed = tx.f_code.co_name.startswith("torch_dynamo_resume_in_")
+    return reason is not None and not reason.graph_break and not resumed

@@ -1,9 +1,11 @@
 """Pass: settle the GSA config the sites are rewritten with.
 
 No config: derive one from the graph (one layer per site, the keys' head dim, the seed's
-default policy). A derived config (GSAConfig.for_model) is re-derived when the model has a
-different number of sites. An explicit config must cover every site: a mismatch is an error
-naming both numbers."""
+default policy). A derived config (GSAConfig.for_model) is re-derived when the graph numbers
+layers beyond it. An explicit config must match the graph: its num_hidden_layers must be one
+past the highest layer id of a graph that holds the whole model (torch.export, or a dynamo
+graph that did not end at a graph break) and may not be below it in a piece of one; a
+mismatch is a GSAConfigError naming both numbers, on every route."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch import fx
 from ..config import GSAConfig
 from ..errors import GSAConfigError
 from .context import PassContext
+from .fx_utils import captured_whole_forward
 
 
 def resolve_config(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
@@ -27,14 +30,17 @@ def resolve_config(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
         context.config_derived = True
         return gm
     config = context.config
-    count_differs = context.whole_model and len(context.matches) != config.num_hidden_layers
-    if num_layers > config.num_hidden_layers or count_differs:
-        if context.config_derived:
-            context.config = config.replace(num_hidden_layers=max(num_layers, len(context.matches)))
-            return gm
+    if num_layers > config.num_hidden_layers and context.config_derived:
+        context.config = config.replace(num_hidden_layers=num_layers)
+        return gm
+    whole = context.whole_model or captured_whole_forward()
+    if num_layers > config.num_hidden_layers or (whole and not context.config_derived
+                                                  and num_layers != config.num_hidden_layers):
+        piece = "" if whole else " in this piece of the model (a graph break splits it)"
         raise GSAConfigError(
-            f"the model has {len(context.matches)} attention sites (layer ids up to {num_layers - 1}, numbered by "
-            f"{context.numbering}) but the GSA config {config.model_name!r} has num_hidden_layers="
-            f"{config.num_hidden_layers}; use a config made for this model or pass config=None to derive one"
+            f"the model has {len(context.matches)} attention sites{piece} (layer ids up to {num_layers - 1}, "
+            f"numbered by {context.numbering}, so {num_layers} layers) but the GSA config {config.model_name!r} has "
+            f"num_hidden_layers={config.num_hidden_layers}; use a config made for this model "
+            f"(GSAConfig.for_model(model, *example_inputs) sizes one from the graph) or pass config=None to derive one"
         )
     return gm
