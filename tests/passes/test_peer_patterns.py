@@ -98,10 +98,37 @@ class Baddbmm(torch.nn.Module):
         return torch.bmm(torch.softmax(scores, dim=-1, dtype=torch.float32), v)
 
 
+class ReshapedScores(torch.nn.Module):
+    """Bloom / MBart: scores of folded heads viewed as [B, H, T, L] for the mask and back."""
+
+    def forward(self, q, k, v, bias):
+        b, h, t, d = q.shape
+        scores = torch.bmm(q.reshape(b * h, t, d), k.reshape(b * h, -1, d).transpose(1, 2))
+        probs = (scores.view(b, h, t, -1) + bias).softmax(-1)
+        return torch.bmm(probs.view(b * h, t, -1), v.reshape(b * h, -1, d))
+
+
+class BloomLike(torch.nn.Module):
+    """Bloom: ALiBi through baddbmm on folded heads, the mask added under a [B, H, T, L] view."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("alibi", torch.linspace(-1, 0, 64).expand(2, 1, 64).contiguous())
+
+    def forward(self, q, k, v, bias):
+        b, h, t, d = q.shape
+        scores = self.alibi.baddbmm(batch1=q.reshape(b * h, t, d), batch2=k.reshape(b * h, -1, d).transpose(-1, -2),
+                                    beta=1.0, alpha=1 / math.sqrt(d))
+        weights = scores.view(b, h, t, -1) + bias
+        probs = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs.view(b * h, t, -1), v.reshape(b * h, -1, d))
+
+
 @pytest.mark.parametrize("module, pattern", [
     (InPlaceBias(), "matmul_softmax"), (Clones(), "matmul_softmax"),
     (FullFill(), "matmul_softmax"), (TensorFill(), "matmul_softmax"), (Checkpointed(), "sdpa"),
-    (CheckpointedSoftmax(), "matmul_softmax"), (Baddbmm(), "baddbmm_softmax"),
+    (CheckpointedSoftmax(), "matmul_softmax"), (Baddbmm(), "baddbmm_softmax"), (ReshapedScores(), "bmm_softmax"),
+    (BloomLike(), "baddbmm_softmax"),
 ], ids=lambda x: type(x).__name__ if isinstance(x, torch.nn.Module) else None)
 def test_spelling_is_rewritten_exactly(module, pattern):
     q, k, v = decode_inputs()
@@ -109,6 +136,8 @@ def test_spelling_is_rewritten_exactly(module, pattern):
         extra = torch.randn(1, 2, 1, 64)
     elif isinstance(module, Baddbmm):
         extra = torch.randn(2, 1, 64)
+    elif isinstance(module, (ReshapedScores, BloomLike)):
+        extra = torch.zeros(1, 1, 1, 64).masked_fill(~_keep(), MIN)
     else:
         extra = _keep()
     graphs = []
@@ -149,16 +178,6 @@ class RelativeBias(torch.nn.Module):
         return (q @ r.transpose(-2, -1) + q @ k.transpose(-2, -1)).softmax(-1) @ v
 
 
-class ReshapedScores(torch.nn.Module):
-    """Bloom / MBart: scores of folded heads viewed as [B, H, T, L] for the mask and back."""
-
-    def forward(self, q, k, v, bias):
-        b, h, t, d = q.shape
-        scores = torch.bmm(q.reshape(b * h, t, d), k.reshape(b * h, -1, d).transpose(1, 2))
-        probs = (scores.view(b, h, t, -1) + bias).softmax(-1)
-        return torch.bmm(probs.view(b * h, t, -1), v.reshape(b * h, -1, d))
-
-
 class ScaledBias(Baddbmm):
     def __init__(self):
         super().__init__(beta=0.5)
@@ -167,7 +186,6 @@ class ScaledBias(Baddbmm):
 @pytest.mark.parametrize("module, extra, reason", [
     (UnknownOp(), None, "sub (sub) between the scores product and the softmax is not a scale"),
     (RelativeBias(), torch.randn(1, 2, 64, 16), "both operands of the add are products"),
-    (ReshapedScores(), torch.zeros(1, 1, 1, 64), "view (view_1) between the softmax and the product with values"),
     (ScaledBias(), torch.randn(2, 1, 64), "baddbmm with beta=0.5"),
 ], ids=lambda x: type(x).__name__ if isinstance(x, torch.nn.Module) else None)
 def test_unprovable_spelling_is_reported_not_crashed(module, extra, reason):

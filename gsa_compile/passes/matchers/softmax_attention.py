@@ -38,7 +38,7 @@ PRODUCTS = ("matmul", "bmm", "einsum", "baddbmm")
 # A fill at or below this is "masked": softmax gives such keys weight exp(-1e4) ~ 0 in any dtype.
 MASK_FILL_LIMIT = -1e4
 # Ops the scores pass through on their way to the softmax (what _leads_to_product follows).
-SCORE_STEPS = ("cast", "mul", "div", "add", "iadd", "masked_fill", "where", "tanh", "contiguous")
+SCORE_STEPS = ("cast", "mul", "div", "add", "iadd", "masked_fill", "where", "tanh", "contiguous", "reshape")
 # Readers of a tensor that use only its dtype or shape (the tensor is their second operand).
 METADATA_READERS = ("type_as", "expand_as")
 # How far around a softmax to look for the two products of a candidate the rule could not read.
@@ -97,12 +97,29 @@ def rewrite(found: AttentionMatch) -> None:
                 node.graph.erase_node(user)
                 if found.output is user:
                     found.output = cast
+    if found.mask_parts:
+        found.attn_mask = _combined_mask(found.mask_parts, found.nodes[-2])
+        found.mask_parts = None
     mask = found.attn_mask
     if is_op(mask, "expand_as") and mask.args[1] in chain:
         found.attn_mask = mask.args[0]
         for user in list(mask.users):
             user.replace_input_with(mask, mask.args[0])
         mask.graph.erase_node(mask)
+
+
+def _combined_mask(parts: list, softmax: fx.Node) -> fx.Node:
+    """One additive mask in the product's layout: each part added under a [B, H, T, L] view of
+    folded heads is expanded to it and folded back (B*H first), then the parts are summed."""
+    graph = softmax.graph
+    combined = None
+    with graph.inserting_before(softmax):
+        for mask, unfolded in parts:
+            if unfolded is not None:
+                batch, heads = _leading_sizes(unfolded)
+                mask = graph.call_method("flatten", (graph.call_method("expand", (mask, batch, heads, -1, -1)), 0, 1))
+            combined = mask if combined is None else graph.call_function(operator.add, (combined, mask))
+    return combined
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:
@@ -121,7 +138,7 @@ def _down_to_weighted_sum(softmax: fx.Node):
             return NotProvable(softmax, "attention probabilities are read elsewhere too (returned or reused); "
                                         "replacing them is not equivalent")
         user = users[0]
-        if is_op(user, "cast", "contiguous"):
+        if is_op(user, "cast", "contiguous") or (is_op(user, "reshape") and _folds_heads(user)):
             current = user
             continue
         if is_op(user, "dropout"):
@@ -155,6 +172,9 @@ def _up_to_scores(node):
         name = op_name(current)
         if name in ("cast", "contiguous"):
             steps.append(("cast", current, None))
+            nxt = current.args[0]
+        elif name == "reshape" and _folds_heads(current):
+            steps.append(("fold", current, None))
             nxt = current.args[0]
         elif name in ("mul", "div"):
             tensor_arg, const = _tensor_and_constant(current)
@@ -356,13 +376,20 @@ def _leads_to_product(node) -> bool:
 
 
 def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
-    """Scale, softcap and mask from the steps, read from the product towards the softmax."""
-    scale, softcap, mask, mask_kind, graph_scale, fill = 1.0, None, None, "", None, None
+    """Scale, softcap and mask from the steps, read from the product towards the softmax.
+    Several additive masks are summed; each is kept with the view (of heads folded into the
+    batch, as [B, H, T, L]) it was added under, for the site to read it in the product's layout."""
+    scale, softcap, masks, mask_kind, graph_scale, fill = 1.0, None, [], "", None, None
+    unfolded = None  # the view [B*H, T, L] -> [B, H, T, L] the scores are under, if any
+    product_rank = len(shape(qk_node) or ())
     for kind, node, payload in reversed(steps):
         if kind == "cast":
             continue
+        if kind == "fold":
+            unfolded = node if len(shape(node)) != product_rank else None
+            continue
         if kind in ("scale", "graph_scale"):
-            if softcap is not None or mask is not None:
+            if softcap is not None or masks:
                 return NotProvable(node, "scores are scaled after the softcap or the mask; SDPA scales first")
             if kind == "scale":
                 scale *= payload
@@ -371,20 +398,42 @@ def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
             else:
                 graph_scale = payload
         elif kind == "softcap":
-            if mask is not None or softcap is not None:
+            if masks or softcap is not None:
                 return NotProvable(node, "softcap applied after the mask (or twice)")
             softcap = payload
         else:
-            if mask is not None:
-                return NotProvable(node, "more than one mask is applied to the scores; combine them into one")
+            if masks and (kind != "add_mask" or mask_kind != "add_mask"):
+                return NotProvable(node, "more than one mask is applied to the scores and not all are added; "
+                                         "combine them into one")
             mask, mask_kind = payload, kind
             if kind != "add_mask":
                 mask, fill = payload
-    if mask_kind == "add_mask" and not _is_float_tensor(mask):
-        return NotProvable(softmax, "the tensor added to the scores is not a float mask")
-    if mask_kind in ("fill_mask", "keep_mask") and not isinstance(mask, fx.Node):
-        return NotProvable(softmax, f"the mask condition {mask!r} is not a tensor of the graph")
-    return scale, softcap, mask, mask_kind, graph_scale, fill
+            if mask_kind == "add_mask" and not _is_float_tensor(mask):
+                return NotProvable(softmax, "the tensor added to the scores is not a float mask")
+            if mask_kind != "add_mask" and not isinstance(mask, fx.Node):
+                return NotProvable(softmax, f"the mask condition {mask!r} is not a tensor of the graph")
+            if unfolded is not None and mask_kind != "add_mask":
+                return NotProvable(node, "a fill mask applied to scores viewed as [B, H, T, L] from folded heads")
+            if unfolded is not None and _leading_sizes(unfolded) is None:
+                return NotProvable(node, "scores viewed as [B, H, T, L] without explicit batch and head sizes")
+            masks.append((mask, unfolded))
+    return scale, softcap, masks, mask_kind, graph_scale, fill
+
+
+def _folds_heads(node: fx.Node) -> bool:
+    """A view between [B*H, T, L] and [B, H, T, L] (the last two axes kept, the rest merged or split)."""
+    before, after = shape(node.args[0]) if node.args else None, shape(node)
+    if before is None or after is None or sorted((len(before), len(after))) != [3, 4]:
+        return False
+    return tuple(before[-2:]) == tuple(after[-2:]) and math.prod(before[:-2]) == math.prod(after[:-2])
+
+
+def _leading_sizes(view: fx.Node):
+    """(B, H) a view to [B, H, T, L] was given (numbers or graph values), or None."""
+    sizes = view.args[1] if len(view.args) == 2 and isinstance(view.args[1], (list, tuple)) else view.args[1:]
+    if len(sizes) != 4 or any(isinstance(size, int) and size < 0 for size in sizes[:2]):
+        return None
+    return sizes[0], sizes[1]
 
 
 def _is_float_tensor(node) -> bool:
@@ -393,7 +442,8 @@ def _is_float_tensor(node) -> bool:
 
 
 def _finish(record, qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node, softmax: fx.Node):
-    scale, softcap, mask, mask_kind, graph_scale, fill = record
+    scale, softcap, masks, mask_kind, graph_scale, fill = record
+    mask = masks[0][0] if len(masks) == 1 and masks[0][1] is None else None
     layout = _layout_of(qk_node, pv_node, probs_input)
     if isinstance(layout, NotProvable):
         return layout
@@ -419,6 +469,8 @@ def _finish(record, qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node, so
         module_path=module_path(softmax),
         nodes=[qk_node, softmax, pv_node],
     )
+    if mask is None and masks:
+        match.mask_parts = masks
     if rank == 4 and match.key_permute is None and not key_transposed:
         source, groups, how = unwrap_repeat(key)
         value_source, value_groups, _ = unwrap_repeat(value) if match.value_permute is None else (value, 1, "")
