@@ -5,6 +5,7 @@ torch.compile(model, backend="gsa") and its default compiler (Inductor), against
     python benchmarks/coverage_fx.py --sample 8            # a seeded sample of 8 architectures
     python benchmarks/coverage_fx.py --models llama gpt2   # named architectures
     python benchmarks/coverage_fx.py --retry-failed        # re-run what did not pass, keep the rest
+    python benchmarks/coverage_fx.py --resume --workers 8  # finish an interrupted sweep, 8 at a time
     python benchmarks/coverage_fx.py --table-only          # rewrite the table from the JSON
 
 Each architecture of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES is built from a tiny config (hidden 64,
@@ -55,8 +56,12 @@ TINY = dict(
     kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
     # encoder-decoder heads used as decoders
     d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-    encoder_ffn_dim=128, decoder_ffn_dim=128,
+    encoder_ffn_dim=128, decoder_ffn_dim=128, num_encoder_layers=2, num_decoder_layers=2,
 )
+# Special tokens must lie inside the tiny vocabulary (an embedding's padding_idx is checked).
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# What an architecture's config validation insists on, beyond the tiny sizes.
+REQUIRED = {"zaya": dict(num_experts_per_tok=1)}
 HYBRID_LAYERS = 4
 PROMPT = 16
 ATOL, RTOL = 2e-4, 2e-4
@@ -77,11 +82,18 @@ def tiny_config(model_type: str, layers: int = TINY["num_hidden_layers"]):
     default = AutoConfig.for_model(model_type)
     text = default.get_text_config() if hasattr(default, "get_text_config") else default
     sizes = {name: size for name, size in TINY.items() if hasattr(text, name)}
-    for name in ("num_hidden_layers", "encoder_layers", "decoder_layers"):
+    sizes.update({name: token for name, token in TOKENS.items()
+                  if isinstance(getattr(text, name, None), int) and getattr(text, name) >= TINY["vocab_size"]})
+    sizes.update(REQUIRED.get(model_type, {}))
+    for name in ("num_hidden_layers", "encoder_layers", "decoder_layers", "num_encoder_layers", "num_decoder_layers"):
         if name in sizes:
             sizes[name] = layers
     if text is default:
-        return AutoConfig.for_model(model_type, **sizes)
+        try:
+            return AutoConfig.for_model(model_type, **sizes)
+        except NotImplementedError:  # a depth set per stack only (ProphetNet): the stack fields carry it
+            sizes.pop("num_hidden_layers")
+            return AutoConfig.for_model(model_type, **sizes)
     # Composite configs (a text config inside): size the text part.
     text_type = getattr(text, "model_type", None)
     sized_text = AutoConfig.for_model(text_type, **sizes) if text_type else text
@@ -262,7 +274,7 @@ def markdown(payload: dict) -> str:
     results, meta = payload["models"], payload["meta"]
     totals = summary(results)
     lines = [
-        "# FX route coverage (torch.compile backend \"gsa\", Inductor)",
+        f"# FX route coverage (torch.compile backend \"gsa\", {meta['compiler']})",
         "",
         f"Every causal LM of transformers {meta['transformers']} (torch {meta['torch']}) built from a tiny config "
         f"with random weights, compiled with `torch.compile(model, backend=\"gsa\", options={{\"config\": ...}})` "
@@ -323,13 +335,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=DEFAULT_JSON, help="JSON results (updated after each architecture)")
     parser.add_argument("--table", default=DEFAULT_TABLE, help="markdown table ('' for none)")
     parser.add_argument("--retry-failed", action="store_true", help="keep passed results of --out, re-run the rest")
+    parser.add_argument("--resume", action="store_true", help="keep every result of --out, run the architectures "
+                                                              "it does not have")
+    parser.add_argument("--workers", type=int, default=1, help="architectures run at once (one process each)")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from --out")
     args = parser.parse_args(argv)
     import transformers
 
     payload = {"meta": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "compiler": args.compiler, "command": " ".join(sys.argv[1:]) or "all"}, "models": {}}
-    if args.table_only or args.retry_failed:
+    if args.table_only or args.retry_failed or args.resume:
         with open(args.out) as handle:
             previous = json.load(handle)
         payload["models"] = previous["models"]
@@ -341,18 +356,28 @@ def main(argv=None) -> dict:
     if args.sample:
         names = sorted(random.Random(args.seed).sample(names, min(args.sample, len(names))))
     if args.retry_failed:
-        names = [n for n in names if payload["models"].get(n, {}).get("status") not in ("pass", "unbuildable")]
+        names = [n for n in names if payload["models"].get(n, {}).get("status") != "pass"]
+    if args.resume:
+        names = [n for n in names if n not in payload["models"]]
     # Alike models sit together in the alphabet; a shuffled order makes a partial sweep a fair sample.
     random.Random(args.seed).shuffle(names)
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     from tqdm import tqdm
 
-    progress = tqdm(names, unit="model", dynamic_ncols=True)
-    for name in progress:
-        progress.set_description(name)
-        payload["models"][name] = run_isolated(name, args.compiler, args.timeout)
-        write(payload, args.out, args.table)
-        totals = payload["summary"]
-        progress.set_postfix(passed=f"{totals['passed']}/{totals['buildable']}")
+    progress = tqdm(total=len(names), unit="model", dynamic_ncols=True)
+    # Threads only wait on the forked workers; results are written here, one at a time.
+    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        running = {pool.submit(run_isolated, name, args.compiler, args.timeout): name for name in names}
+        for done in as_completed(running):
+            payload["models"][running[done]] = done.result()
+            write(payload, args.out, args.table)
+            totals = payload["summary"]
+            progress.set_description(running[done])
+            progress.set_postfix(passed=f"{totals['passed']}/{totals['buildable']}")
+            progress.update()
+    progress.close()
+    payload["summary"] = summary(payload["models"])
     totals = payload["summary"]
     rows = [("passed", "buildable", "run", "unbuildable")]
     rows.append((totals["passed"], totals["buildable"], totals["architectures"], totals["unbuildable"]))

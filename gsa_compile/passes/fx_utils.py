@@ -52,6 +52,7 @@ _SPELLINGS: dict[str, tuple] = {
     "repeat_interleave": (torch.repeat_interleave, aten.repeat_interleave, "repeat_interleave"),
     "contiguous": (torch.clone, aten.clone, aten.contiguous, "contiguous", "clone"),
     "expand_as": ("expand_as",),
+    "maximum": (torch.maximum, torch.max, aten.maximum, "maximum", "max"),
     # Constant tensors: torch.full(size, value), torch.tensor(value) and their aten forms.
     "full": (torch.full, aten.full, "new_full"),
     "scalar_tensor": (torch.tensor, torch.scalar_tensor, aten.scalar_tensor),

@@ -9,7 +9,9 @@ Pattern (anchored at the softmax over the last axis, softmax or _safe_softmax):
              | where(keep, scores, fill) | where(cond, fill, scores)
     probs  = softmax(scores [.float()], -1) [.to(q.dtype) | .type_as(scores)] [dropout(p=0 or eval)]
     out    = probs @ v  (matmul / bmm / einsum)
-Casts between float dtypes and clones may sit anywhere in the chain (GSA computes in float32).
+Casts between float dtypes, clones, views between [B*H, T, L] and [B, H, T, L] (heads folded into
+the batch) and maximum(scores, finfo.min) may sit anywhere in the chain (GSA computes in float32);
+several additive masks (Bloom's ALiBi through baddbmm, then the mask) are summed into one.
 A fill is a number or a constant tensor (torch.full((), v), torch.tensor(v)) at or below -1e4.
 Check: every intermediate has one reader that uses its values (type_as / expand_as read only
 its dtype or shape), scale before softcap before mask, at most one mask, softmax over keys, the
@@ -37,8 +39,11 @@ from .repeat_kv import unwrap_repeat
 PRODUCTS = ("matmul", "bmm", "einsum", "baddbmm")
 # A fill at or below this is "masked": softmax gives such keys weight exp(-1e4) ~ 0 in any dtype.
 MASK_FILL_LIMIT = -1e4
+# maximum(scores, c) with c at or below this changes no finite score (finfo.min of every float dtype is below).
+CLAMP_LIMIT = -1e30
 # Ops the scores pass through on their way to the softmax (what _leads_to_product follows).
-SCORE_STEPS = ("cast", "mul", "div", "add", "iadd", "masked_fill", "where", "tanh", "contiguous", "reshape")
+SCORE_STEPS = ("cast", "mul", "div", "add", "iadd", "masked_fill", "where", "tanh", "contiguous", "reshape",
+               "maximum")
 # Readers of a tensor that use only its dtype or shape (the tensor is their second operand).
 METADATA_READERS = ("type_as", "expand_as")
 # How far around a softmax to look for the two products of a candidate the rule could not read.
@@ -171,6 +176,9 @@ def _up_to_scores(node):
     while isinstance(current, fx.Node) and not is_op(current, *PRODUCTS):
         name = op_name(current)
         if name in ("cast", "contiguous"):
+            steps.append(("cast", current, None))
+            nxt = current.args[0]
+        elif name == "maximum" and _clamps_minus_inf(current):
             steps.append(("cast", current, None))
             nxt = current.args[0]
         elif name == "reshape" and _folds_heads(current):
@@ -418,6 +426,16 @@ def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
                 return NotProvable(node, "scores viewed as [B, H, T, L] without explicit batch and head sizes")
             masks.append((mask, unfolded))
     return scale, softcap, masks, mask_kind, graph_scale, fill
+
+
+def _clamps_minus_inf(node: fx.Node) -> bool:
+    """maximum(scores, c) with a constant c at or below CLAMP_LIMIT: equal to the scores
+    wherever they are finite (it only turns -inf into c, as XGLM does with finfo.min)."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if not isinstance(other, fx.Node) or len(node.args) > 2:  # torch.max(x, dim) is a reduction
+        return False
+    limit = _fill_value(other)
+    return limit is not None and limit <= CLAMP_LIMIT and _leads_to_product(node.args[0])
 
 
 def _folds_heads(node: fx.Node) -> bool:
