@@ -19,6 +19,7 @@ from torch import fx
 
 from ..report import Unmatched
 from .context import PassContext
+from .fx_utils import module_path
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -62,8 +63,15 @@ def _path_from_parameters(match, names: dict) -> str:
     return ""
 
 
+def _captured_below_numbered_modules(gm: fx.GraphModule) -> bool:
+    """No node records a numbered module path: the frame is one module below the model's
+    numbered ones (in a frame of the model, the calls into its layers carry their index, even
+    when the attention itself is written in the parent over the layers' weights)."""
+    return all(layer_index_of(module_path(node)) is None for node in gm.graph.nodes)
+
+
 def number_layers(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
-    if context.parameter_names:
+    if context.parameter_names and _captured_below_numbered_modules(gm):
         _refuse_per_layer_frames(context)
     ids = [layer_index_of(match.module_path) for match in context.matches]
     if context.matches and None not in ids and len(set(ids)) == len(ids):

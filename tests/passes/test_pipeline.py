@@ -132,3 +132,52 @@ def test_no_config_derives_one_layer_per_site():
     assert len(program.gsa_report.sites) == 3
     default = GSAConfig(num_hidden_layers=3)  # the seed's default policy for three layers
     assert [s.policy for s in program.gsa_report.sites] == [default.layer_policy(i) for i in range(3)]
+
+
+class HandWrittenLayers(torch.nn.Module):
+    """Attention written by hand in numbered layers, no attribute that names heads or dims."""
+
+    def __init__(self, layers=3):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 48) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            q, k, v = layer(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            x = x + ((q @ k.transpose(-2, -1)) * 8 ** -0.5).softmax(-1).matmul(v).transpose(1, 2).flatten(2)
+        return x
+
+
+def test_for_model_sizes_a_config_from_the_graph():
+    model = HandWrittenLayers().eval()
+    with pytest.raises(GSAConfigError, match="found no attention module"):
+        GSAConfig.for_model(model)
+    config = GSAConfig.for_model(model, torch.randn(1, 8, 16), budget_tokens=512)
+    assert (config.num_hidden_layers, config.head_dim, config.hash_bits, config.budget_tokens) == (3, 8, 8, 512)
+    decoder = _decoder(layers=2)
+    sized = GSAConfig.for_model(decoder, torch.randint(0, 64, (1, 8)), cache=decoder.empty_cache())
+    assert sized.num_hidden_layers == 2
+
+
+def test_for_model_without_attention_in_the_graph_says_so():
+    with pytest.raises(GSAConfigError, match="has no attention site"):
+        GSAConfig.for_model(torch.nn.Linear(4, 4), torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("route", ["inspect", "torch.compile", "export"])
+def test_config_with_another_depth_is_refused_on_every_route(route):
+    model = _decoder(layers=2)
+    args = (torch.randint(0, 64, (1, 8)), model.empty_cache())
+    wrong = config(layers=3, head_dim=8)
+    with pytest.raises(Exception) as raised:
+        if route == "inspect":
+            inspect(model, *args, config=wrong)
+        elif route == "export":
+            export(model, args, config=wrong)
+        else:
+            torch._dynamo.reset()
+            with torch.no_grad():
+                torch.compile(model, backend=gsa_backend, options={"config": wrong, "compiler": "eager"})(*args)
+    error = raised.value if route != "torch.compile" else raised.value.inner_exception
+    assert isinstance(error, GSAConfigError)
+    assert "2 attention sites" in str(error) and "num_hidden_layers=3" in str(error)
