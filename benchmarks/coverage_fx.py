@@ -61,7 +61,7 @@ TINY = dict(
 # Special tokens must lie inside the tiny vocabulary (an embedding's padding_idx is checked).
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # What an architecture's config validation insists on, beyond the tiny sizes.
-REQUIRED = {"zaya": dict(num_experts_per_tok=1)}
+REQUIRED = {"zaya": dict(num_experts_per_tok=1), "gpt_neo": dict(attention_types=[[["global", "local"], 1]])}
 HYBRID_LAYERS = 4
 PROMPT = 16
 ATOL, RTOL = 2e-4, 2e-4
@@ -89,11 +89,7 @@ def tiny_config(model_type: str, layers: int = TINY["num_hidden_layers"]):
         if name in sizes:
             sizes[name] = layers
     if text is default:
-        try:
-            return AutoConfig.for_model(model_type, **sizes)
-        except NotImplementedError:  # a depth set per stack only (ProphetNet): the stack fields carry it
-            sizes.pop("num_hidden_layers")
-            return AutoConfig.for_model(model_type, **sizes)
+        return _config_without_refused(model_type, sizes)
     # Composite configs (a text config inside): size the text part.
     text_type = getattr(text, "model_type", None)
     sized_text = AutoConfig.for_model(text_type, **sizes) if text_type else text
@@ -101,6 +97,22 @@ def tiny_config(model_type: str, layers: int = TINY["num_hidden_layers"]):
         if getattr(default, name, None) is text:
             return AutoConfig.for_model(model_type, **{name: sized_text.to_dict()})
     return default
+
+
+def _config_without_refused(model_type: str, sizes: dict):
+    """AutoConfig.for_model with the sizes, leaving out each one the config refuses to be set
+    (a derived property such as Falcon's head_dim, ProphetNet's depth, XLNet's length limit)."""
+    from transformers import AutoConfig
+
+    sizes = dict(sizes)
+    while True:
+        try:
+            return AutoConfig.for_model(model_type, **sizes)
+        except (AttributeError, NotImplementedError) as exc:
+            refused = [name for name in sizes if name in str(exc)]
+            if not refused:
+                raise
+            sizes.pop(refused[0])
 
 
 def _has_attention_layer(config) -> bool:

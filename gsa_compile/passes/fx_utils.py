@@ -35,8 +35,6 @@ _SPELLINGS: dict[str, tuple] = {
     "mul": (torch.mul, operator.mul, aten.mul, "mul", "__mul__"),
     "div": (torch.div, torch.true_divide, operator.truediv, aten.div, "div", "__truediv__", "true_divide"),
     "add": (torch.add, operator.add, aten.add, "add", "__add__"),
-    # In place on the scores (`scores += bias`): the same value as add once nothing else reads them.
-    "iadd": (operator.iadd, "__iadd__", "add_", aten.add_),
     "tanh": (torch.tanh, aten.tanh, "tanh"),
     "masked_fill": (torch.masked_fill, aten.masked_fill, "masked_fill"),
     "where": (torch.where, aten.where, "where"),

@@ -1,5 +1,10 @@
 """Pass: find every attention site (matchers/) and list the candidates left dense.
 
+In-place updates of a tensor an op has just made (`scores += bias`, `scores.masked_fill_(m, v)`
+on the output of a product, as T5 and XLM write them) are first made functional: the update
+becomes its out-of-place op and every later reader of the tensor reads its result, which is the
+same value (nothing else can alias a tensor that fresh), and the rules see one dataflow chain.
+
 Activation checkpointing (torch.utils.checkpoint) reaches a dynamo graph as a
 tag_activation_checkpoint call of a body graph; what it changes is only what backward
 recomputes, never a forward value, so bodies that hold attention are inlined first and their
@@ -15,7 +20,7 @@ from torch import fx
 
 from ..report import Unmatched
 from .context import PassContext
-from .fx_utils import is_op, module_path
+from .fx_utils import is_op, module_path, value
 from .matchers import find_attention
 
 logger = logging.getLogger(__name__)
@@ -25,8 +30,16 @@ _CHECKPOINT = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
 _ATTENTION_OPS = ("softmax", "sdpa", "sdpa_flash", "sdpa_flash_cpu", "sdpa_efficient", "sdpa_cudnn", "mha_forward")
 
 
+# In-place op -> its functional form, as call_method names and as operator functions.
+_IN_PLACE_METHODS = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "masked_fill_": "masked_fill"}
+_IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                       operator.itruediv: operator.truediv}
+# Ops whose output is a new tensor (never a view or the input itself).
+_FRESH = ("matmul", "bmm", "einsum", "baddbmm", "add", "mul", "div", "masked_fill", "where", "softmax", "tanh")
+
+
 def match_attention(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
-    if inline_checkpoints(gm):
+    if inline_checkpoints(gm) + functionalize_fresh_updates(gm):
         gm.recompile()
     matches, refused = find_attention(gm.graph)
     context.matches = matches
@@ -66,3 +79,26 @@ def inline_checkpoints(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(body_attr)
         inlined += 1
     return inlined
+
+
+def functionalize_fresh_updates(gm: fx.GraphModule) -> int:
+    """Make in-place updates of freshly made tensors functional; the number changed."""
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_method" and node.target in _IN_PLACE_METHODS:
+            functional = _IN_PLACE_METHODS[node.target]
+        elif node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS:
+            functional = _IN_PLACE_FUNCTIONS[node.target]
+        else:
+            continue
+        target = node.args[0] if node.args else None
+        if not is_op(target, *_FRESH) or not isinstance(value(target), torch.Tensor) \
+                or not isinstance(value(node), torch.Tensor) or value(node).shape != value(target).shape:
+            continue
+        node.target = functional
+        for user in list(target.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(target, node)
+        changed += 1
+    return changed

@@ -69,6 +69,17 @@ class TensorFill(torch.nn.Module):
         return torch.matmul(torch.nn.functional.softmax(scores, dim=-1), v)
 
 
+class InPlaceFill(torch.nn.Module):
+    """XLM: the scores filled in place, then read again for the softmax."""
+
+    def forward(self, q, k, v, keep):
+        scores = torch.matmul(q, k.transpose(2, 3))
+        mask = (keep == 0).expand_as(scores)
+        scores.masked_fill_(mask, torch.finfo(scores.dtype).min)
+        weights = torch.nn.functional.softmax(scores.float(), dim=-1).type_as(scores)
+        return torch.matmul(weights, v)
+
+
 class Checkpointed(torch.nn.Module):
     def attend(self, q, k, v, keep):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
@@ -126,7 +137,8 @@ class BloomLike(torch.nn.Module):
 
 @pytest.mark.parametrize("module, pattern", [
     (InPlaceBias(), "matmul_softmax"), (Clones(), "matmul_softmax"),
-    (FullFill(), "matmul_softmax"), (TensorFill(), "matmul_softmax"), (Checkpointed(), "sdpa"),
+    (FullFill(), "matmul_softmax"), (TensorFill(), "matmul_softmax"), (InPlaceFill(), "matmul_softmax"),
+    (Checkpointed(), "sdpa"),
     (CheckpointedSoftmax(), "matmul_softmax"), (Baddbmm(), "baddbmm_softmax"), (ReshapedScores(), "bmm_softmax"),
     (BloomLike(), "baddbmm_softmax"),
 ], ids=lambda x: type(x).__name__ if isinstance(x, torch.nn.Module) else None)

@@ -5,7 +5,7 @@ Pattern (anchored at the softmax over the last axis, softmax or _safe_softmax):
                         baddbmm(bias, q, k^T, alpha=a) is q @ k^T scaled by a plus the bias)
     scores = scores * c | scores / c            (any number, constants; none = pre-scaled q)
     scores = tanh(scores / cap) * cap           (optional softcap)
-    scores = scores + mask | scores += mask | scores.masked_fill(cond, fill)
+    scores = scores + mask | scores.masked_fill(cond, fill)
              | where(keep, scores, fill) | where(cond, fill, scores)
     probs  = softmax(scores [.float()], -1) [.to(q.dtype) | .type_as(scores)] [dropout(p=0 or eval)]
     out    = probs @ v  (matmul / bmm / einsum)
@@ -19,9 +19,11 @@ two operands of an add are not both products (q @ r^T + q @ k^T: which one holds
 provable). Anything else between two products is reported with the op that stopped the rule.
 Rewrite record: q, k (repeat unwrapped, layout permutations), v, mask, scale, softcap; a finite
 fill is recorded so that a row whose every key is masked gives eager's answer (the mean of V).
-Rewrite (graph, before the site replaces the chain): in-place adds of the chain become adds,
-type_as(x, scores) becomes x.to(dtype) and expand_as(mask, scores) the mask itself, so that
-nothing outside the replaced chain keeps reading the dense scores."""
+In-place updates of the scores (`scores += bias`, `scores.masked_fill_(...)`) arrive here as
+their functional forms (match_attention functionalizes them first).
+Rewrite (graph, before the site replaces the chain): type_as(x, scores) becomes x.to(dtype) and
+expand_as(mask, scores) the mask itself, so that nothing outside the replaced chain keeps
+reading the dense scores."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ MASK_FILL_LIMIT = -1e4
 # maximum(scores, c) with c at or below this changes no finite score (finfo.min of every float dtype is below).
 CLAMP_LIMIT = -1e30
 # Ops the scores pass through on their way to the softmax (what _leads_to_product follows).
-SCORE_STEPS = ("cast", "mul", "div", "add", "iadd", "masked_fill", "where", "tanh", "contiguous", "reshape",
+SCORE_STEPS = ("cast", "mul", "div", "add", "masked_fill", "where", "tanh", "contiguous", "reshape",
                "maximum")
 # Readers of a tensor that use only its dtype or shape (the tensor is their second operand).
 METADATA_READERS = ("type_as", "expand_as")
@@ -88,10 +90,6 @@ def rewrite(found: AttentionMatch) -> None:
     """Make the chain's own nodes the only readers of the scores (see the module docstring)."""
     chain = found.nodes[:-1]
     for node in chain:
-        if is_op(node, "iadd") and node.op == "call_function":
-            node.target = operator.add
-        elif is_op(node, "iadd"):
-            node.target = "add"
         for user in list(node.users):
             if user.op == "call_method" and user.target == "type_as" and user.args[0] is not node \
                     and dtype(node) is not None:
@@ -196,13 +194,14 @@ def _up_to_scores(node):
             else:
                 scores_side, factor = _graph_scale(current)
                 if scores_side is None:
-                    return NotProvable(current, f"{name} of the scores by a tensor that is not a scalar; not a scale")
+                    return NotProvable(current, f"{name} of the scores by a tensor that is not a scalar; not a scale "
+                                                f"(a multiplicative mask such as w * b - 1e4 * (1 - b) is not read)")
                 if is_op(scores_side, "tanh"):
                     return NotProvable(current, "the softcap value is computed in the graph (e.g. dynamic=True made "
                                                 "it symbolic); GSA takes a constant softcap")
                 steps.append(("graph_scale", current, (factor, name)))
                 nxt = scores_side
-        elif name in ("add", "iadd"):
+        elif name == "add":
             left, right = current.args[0], current.args[1] if len(current.args) > 1 else current.kwargs.get("other")
             if _leads_to_product(left) and _leads_to_product(right):
                 return NotProvable(current, "both operands of the add are products (q @ r^T + q @ k^T, a relative "
