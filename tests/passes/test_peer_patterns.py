@@ -69,6 +69,16 @@ class TensorFill(torch.nn.Module):
         return torch.matmul(torch.nn.functional.softmax(scores, dim=-1), v)
 
 
+class FillThenAdd(torch.nn.Module):
+    """GPT-Neo: a causal fill with finfo.min, then the additive padding mask."""
+
+    def forward(self, q, k, v, bias):
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        causal = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool).tril(diagonal=k.shape[2])
+        scores = torch.where(causal, scores, torch.tensor(torch.finfo(scores.dtype).min))
+        return torch.matmul(torch.softmax(scores + bias, dim=-1), v)
+
+
 class InPlaceFill(torch.nn.Module):
     """XLM: the scores filled in place, then read again for the softmax."""
 
@@ -138,7 +148,7 @@ class BloomLike(torch.nn.Module):
 @pytest.mark.parametrize("module, pattern", [
     (InPlaceBias(), "matmul_softmax"), (Clones(), "matmul_softmax"),
     (FullFill(), "matmul_softmax"), (TensorFill(), "matmul_softmax"), (InPlaceFill(), "matmul_softmax"),
-    (Checkpointed(), "sdpa"),
+    (FillThenAdd(), "matmul_softmax"), (Checkpointed(), "sdpa"),
     (CheckpointedSoftmax(), "matmul_softmax"), (Baddbmm(), "baddbmm_softmax"), (ReshapedScores(), "bmm_softmax"),
     (BloomLike(), "baddbmm_softmax"),
 ], ids=lambda x: type(x).__name__ if isinstance(x, torch.nn.Module) else None)
@@ -148,7 +158,7 @@ def test_spelling_is_rewritten_exactly(module, pattern):
         extra = torch.randn(1, 2, 1, 64)
     elif isinstance(module, Baddbmm):
         extra = torch.randn(2, 1, 64)
-    elif isinstance(module, (ReshapedScores, BloomLike)):
+    elif isinstance(module, (ReshapedScores, BloomLike, FillThenAdd)):
         extra = torch.zeros(1, 1, 1, 64).masked_fill(~_keep(), MIN)
     else:
         extra = _keep()

@@ -24,8 +24,8 @@ class AttentionMatch:
     # The bool mask came from a fill with a finite value: a row whose every key is masked then
     # has equal scores everywhere, and eager softmax gives the mean of V there (not zero).
     finite_fill: bool = False
-    # Additive masks still to be summed into attn_mask by the rule's rewrite: (mask node, the
-    # [B, H, T, L] view of folded heads it was added under, or None).
+    # Masks still to be summed into attn_mask by the rule's rewrite: (mask node, the [B, H, T, L]
+    # view of folded heads it was applied under or None, kind, fill of a fill mask or None).
     mask_parts: Optional[list] = None
     scale: Optional[float] = None  # None: 1 / sqrt(head dim)
     # A scale computed in the graph (node, "mul" or "div"); the site folds it into q.

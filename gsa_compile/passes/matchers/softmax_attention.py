@@ -101,7 +101,7 @@ def rewrite(found: AttentionMatch) -> None:
                 if found.output is user:
                     found.output = cast
     if found.mask_parts:
-        found.attn_mask = _combined_mask(found.mask_parts, found.nodes[-2])
+        found.attn_mask = _combined_mask(found.mask_parts, found.nodes[-2], found.nodes[0])
         found.mask_parts = None
     mask = found.attn_mask
     if is_op(mask, "expand_as") and mask.args[1] in chain:
@@ -111,13 +111,19 @@ def rewrite(found: AttentionMatch) -> None:
         mask.graph.erase_node(mask)
 
 
-def _combined_mask(parts: list, softmax: fx.Node) -> fx.Node:
-    """One additive mask in the product's layout: each part added under a [B, H, T, L] view of
-    folded heads is expanded to it and folded back (B*H first), then the parts are summed."""
+def _combined_mask(parts: list, softmax: fx.Node, product: fx.Node) -> fx.Node:
+    """One additive mask in the product's layout: a fill mask becomes 0 where kept and the fill
+    elsewhere, each part applied under a [B, H, T, L] view of folded heads is expanded to it and
+    folded back (B*H first), then the parts are summed."""
     graph = softmax.graph
     combined = None
     with graph.inserting_before(softmax):
-        for mask, unfolded in parts:
+        for mask, unfolded, kind, fill in parts:
+            if kind != "add_mask":
+                # keep_mask: True keeps; fill_mask: True is filled.
+                kept, filled = (0.0, fill) if kind == "keep_mask" else (fill, 0.0)
+                mask = graph.call_function(torch.where, (mask, kept, filled))
+                mask = graph.call_method("to", (mask, dtype(product) or torch.float32))
             if unfolded is not None:
                 batch, heads = _leading_sizes(unfolded)
                 mask = graph.call_method("flatten", (graph.call_method("expand", (mask, batch, heads, -1, -1)), 0, 1))
@@ -409,21 +415,25 @@ def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
                 return NotProvable(node, "softcap applied after the mask (or twice)")
             softcap = payload
         else:
-            if masks and (kind != "add_mask" or mask_kind != "add_mask"):
-                return NotProvable(node, "more than one mask is applied to the scores and not all are added; "
-                                         "combine them into one")
-            mask, mask_kind = payload, kind
-            if kind != "add_mask":
-                mask, fill = payload
-            if mask_kind == "add_mask" and not _is_float_tensor(mask):
+            mask, mask_fill = (payload, None) if kind == "add_mask" else payload
+            if kind == "add_mask" and not _is_float_tensor(mask):
                 return NotProvable(softmax, "the tensor added to the scores is not a float mask")
-            if mask_kind != "add_mask" and not isinstance(mask, fx.Node):
+            if kind != "add_mask" and not isinstance(mask, fx.Node):
                 return NotProvable(softmax, f"the mask condition {mask!r} is not a tensor of the graph")
-            if unfolded is not None and mask_kind != "add_mask":
-                return NotProvable(node, "a fill mask applied to scores viewed as [B, H, T, L] from folded heads")
             if unfolded is not None and _leading_sizes(unfolded) is None:
                 return NotProvable(node, "scores viewed as [B, H, T, L] without explicit batch and head sizes")
-            masks.append((mask, unfolded))
+            masks.append((mask, unfolded, kind, mask_fill))
+    if len(masks) == 1 and masks[0][1] is None:
+        mask_kind, fill = masks[0][2], masks[0][3]
+    elif masks:
+        # Summed as additive masks: a fill there must be one no score can get near (finfo.min),
+        # so that score + fill rounds to the fill as the eager fill does.
+        for _, _, kind, mask_fill in masks:
+            if kind != "add_mask" and mask_fill > CLAMP_LIMIT:
+                return NotProvable(softmax, f"a fill of {mask_fill} combined with other masks (or under a view of "
+                                            f"folded heads) is not an additive mask; only fills at or below "
+                                            f"{CLAMP_LIMIT:g} (finfo.min) combine")
+        mask_kind, fill = "add_mask", None
     return scale, softcap, masks, mask_kind, graph_scale, fill
 
 
