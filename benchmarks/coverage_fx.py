@@ -260,10 +260,10 @@ def failure_group(result: dict) -> str:
         return "logits differ from eager"
     if result["status"] == "no_sites":
         return "no attention site found"
-    text = result.get("error", "").splitlines()[0] if result.get("error") else ""
+    text = " ".join((result.get("error") or "").split())
     text = re.sub(r"\d+", "N", text)
     text = re.sub(r"'[^']*'", "'…'", text)
-    return f"{result.get('stage', '')}: {text[:160]}"
+    return f"{result.get('stage', '')}: {text[:120]}"
 
 
 def summary(results: dict) -> dict:
@@ -312,7 +312,7 @@ def markdown(payload: dict) -> str:
         note = r.get("error") or "; ".join(r.get("unmatched") or [])
         sites = "" if r.get("sites") is None else f"{r['sites']} ({r.get('sparse_sites')})"
         rows.append((name, r["status"], sites, _fmt(r.get("prefill_diff")), _fmt(r.get("decode_diff")),
-                     r.get("seconds", ""), note.splitlines()[0][:140].replace("|", "/") if note else ""))
+                     r.get("seconds", ""), " ".join(note.split())[:160].replace("|", "/")))
     lines += _markdown_table(rows)
     return "\n".join(lines) + "\n"
 
