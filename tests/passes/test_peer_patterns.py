@@ -129,6 +129,17 @@ class ReshapedScores(torch.nn.Module):
         return torch.bmm(probs.view(b * h, t, -1), v.reshape(b * h, -1, d))
 
 
+class ClampedScores(ReshapedScores):
+    """XGLM: the masked scores clamped at finfo.min under the [B, H, T, L] view."""
+
+    def forward(self, q, k, v, bias):
+        b, h, t, d = q.shape
+        scores = torch.bmm(q.reshape(b * h, t, d), k.reshape(b * h, -1, d).transpose(1, 2))
+        scores = scores.view(b, h, t, -1) + bias
+        scores = torch.max(scores, torch.full((), torch.finfo(scores.dtype).min)).view(b * h, t, -1)
+        return torch.bmm(scores.softmax(-1), v.reshape(b * h, -1, d))
+
+
 class BloomLike(torch.nn.Module):
     """Bloom: ALiBi through baddbmm on folded heads, the mask added under a [B, H, T, L] view."""
 
@@ -150,6 +161,7 @@ class BloomLike(torch.nn.Module):
     (FullFill(), "matmul_softmax"), (TensorFill(), "matmul_softmax"), (InPlaceFill(), "matmul_softmax"),
     (FillThenAdd(), "matmul_softmax"), (Checkpointed(), "sdpa"),
     (CheckpointedSoftmax(), "matmul_softmax"), (Baddbmm(), "baddbmm_softmax"), (ReshapedScores(), "bmm_softmax"),
+    (ClampedScores(), "bmm_softmax"),
     (BloomLike(), "baddbmm_softmax"),
 ], ids=lambda x: type(x).__name__ if isinstance(x, torch.nn.Module) else None)
 def test_spelling_is_rewritten_exactly(module, pattern):
