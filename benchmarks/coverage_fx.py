@@ -259,7 +259,9 @@ def failure_group(result: dict) -> str:
     if result["status"] == "mismatch":
         return "logits differ from eager"
     if result["status"] == "no_sites":
-        return "no attention site found"
+        if "candidates left dense: none" in (result.get("error") or ""):
+            return "no attention in the graph: no site and no candidate (recurrent / state-space models)"
+        return "no attention site found; the candidates are left dense with a reason (table below)"
     text = " ".join((result.get("error") or "").split())
     text = re.sub(r"\d+", "N", text)
     text = re.sub(r"'[^']*'", "'…'", text)
@@ -296,8 +298,8 @@ def markdown(payload: dict) -> str:
         f"({meta.get('command', '')}).",
         "",
         f"**{totals['passed']} of {totals['buildable']} buildable architectures pass** "
-        f"({totals['architectures']} run, {totals['unbuildable']} not buildable from a tiny config or failing "
-        f"in eager).",
+        f"({totals['architectures']} of the {meta.get('total', '?')} architectures run, {totals['unbuildable']} of "
+        f"them not buildable from a tiny config or failing in eager).",
         "",
         "## Failure groups",
         "",
@@ -355,7 +357,8 @@ def main(argv=None) -> dict:
     import transformers
 
     payload = {"meta": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "compiler": args.compiler, "command": " ".join(sys.argv[1:]) or "all"}, "models": {}}
+                        "compiler": args.compiler, "command": " ".join(sys.argv[1:]) or "all",
+                        "total": len(architectures())}, "models": {}}
     if args.table_only or args.retry_failed or args.resume:
         with open(args.out) as handle:
             previous = json.load(handle)
