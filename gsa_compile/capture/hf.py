@@ -18,6 +18,7 @@ import logging
 import types
 from typing import Optional, Union
 
+import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
@@ -157,7 +158,12 @@ def _stepping_forward(forward):
 
     @functools.wraps(forward)
     def stepping_forward(self, *args, **kwargs):
-        return forward(self, *args, **_begin_step(self, kwargs))
+        kwargs = _begin_step(self, kwargs)
+        step = kwargs.get(hf_attention.STEP_KWARG)
+        if step is None or torch.compiler.is_compiling():
+            return forward(self, *args, **kwargs)
+        with hf_attention.current_step(step):
+            return forward(self, *args, **kwargs)
 
     return stepping_forward
 

@@ -23,7 +23,9 @@ so the original dense path receives exactly what it always did.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from typing import Optional
 
 import torch
@@ -45,6 +47,20 @@ DENSE_ONLY_KWARGS = ("sliding_window", "s_aux", "sinks", "position_bias", "head_
 
 # The keyword argument that carries a forward pass's DecodeStep down to the attention calls.
 STEP_KWARG = "gsa_step"
+
+# The step of the forward pass running in this thread, for models whose layers do not pass
+# keyword arguments down to attention (eager only: per thread, so threads never share it).
+_CURRENT = threading.local()
+
+
+@contextlib.contextmanager
+def current_step(step: "DecodeStep"):
+    previous = getattr(_CURRENT, "step", None)
+    _CURRENT.step = step
+    try:
+        yield
+    finally:
+        _CURRENT.step = previous
 
 # Dense reasons under which a decode may take the fast dense path: the attention's semantics
 # are the model's plain ones (other reasons keep the model's own function).
@@ -106,7 +122,7 @@ def gsa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
             f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs the GSA attention "
             f"implementation but has no GSA site; optimize the model with gsa_compile.optimize(model)"
         )
-    step: Optional[DecodeStep] = kwargs.pop(STEP_KWARG, None)
+    step: Optional[DecodeStep] = kwargs.pop(STEP_KWARG, None) or getattr(_CURRENT, "step", None)
     reason = _call_dense_reason(site, module, query, attention_mask, dropout, kwargs, step)
     plan = None
     if reason is None:
@@ -185,7 +201,8 @@ def _call_dense_reason(site, module, query, attention_mask, dropout, kwargs, ste
         return "mask_type"
     if step is None:
         _log_once(site, "no_step", "GSA layer %d runs dense: %s does not pass keyword arguments down to its "
-                  "attention, so the call's GSA state never reaches it", site.layer, type(module).__name__)
+                  "attention, and a compiled forward cannot hand the call's GSA state over otherwise",
+                  site.layer, type(module).__name__)
         return "no_step"
     return None
 
