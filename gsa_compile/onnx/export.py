@@ -78,17 +78,27 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     used = set()
     _collect_gsa_ops(model.graph, used)
     known = {(f.domain, f.name) for f in model.functions}
-    for name in sorted(used):
+    pending = sorted(used)
+    while pending:
+        name = pending.pop()
         if name not in OP_SPECS:
             raise GSAError(f"the graph holds gsa.{name}, which is not an op of the gsa domain {sorted(OP_SPECS)}")
-        if (DOMAIN, name) not in known:
-            model.functions.append(build_function(OP_SPECS[name]))
+        if (DOMAIN, name) in known:
+            continue
+        function = build_function(OP_SPECS[name])
+        model.functions.append(function)
+        known.add((DOMAIN, name))
+        # A body may call other gsa ops (Attention calls SelectTopBlocks): their functions too.
+        called: set = set()
+        _collect_gsa_ops(function, called)
+        pending += sorted(called)
     if not any(entry.domain == DOMAIN for entry in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
     return model
 
 
-def _collect_gsa_ops(graph: onnx.GraphProto, used: set) -> None:
+def _collect_gsa_ops(graph, used: set) -> None:
+    """gsa op types called in a graph or function body, their subgraphs included."""
     for node in graph.node:
         if node.domain == DOMAIN:
             used.add(node.op_type)

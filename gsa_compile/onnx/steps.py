@@ -149,11 +149,13 @@ def last_row_bias(e: Emitter, attn_mask: str, query: str, num_keys: str) -> str:
     return e.op("Expand", last_token(e, attn_mask), e.cat(e.dims(query, 0, 2), e.ints(1), num_keys))
 
 
-def valid_keys(e: Emitter, bias: str) -> str:
-    """bool [B, L]: keys that some query head may attend (bias above -inf)."""
-    allowed = e.op("Greater", bias, e.op("CastLike", e.const(-np.inf, np.float32), bias))
+def valid_keys(e: Emitter, attn_mask: str, query: str, num_keys: str) -> str:
+    """bool [B, L]: keys that some query head may attend in the last mask row (above -inf).
+    Read from the mask as given: broadcasting it over heads first would change no value."""
+    row = last_token(e, attn_mask)
+    allowed = e.op("Greater", row, e.op("CastLike", e.const(-np.inf, np.float32), row))
     any_head = e.reduce("ReduceMax", e.cast(allowed, INT32), [1, 2])
-    return e.op("Greater", any_head, e.const(0, np.int32))
+    return e.op("Expand", e.op("Greater", any_head, e.const(0, np.int32)), e.cat(e.dims(query, 0, 1), num_keys))
 
 
 # ------------------------------------------------------------------ attention
@@ -172,9 +174,13 @@ def softmax_or_zero(e: Emitter, logits: str) -> str:
 
 
 def gather_tokens(e: Emitter, x: str, tokens: str) -> str:
-    """x [B, H, L, E], tokens int64 [B, H, S] -> [B, H, S, E]."""
-    index = e.op("Expand", e.unsqueeze(tokens, -1), e.cat(e.dims(tokens, 0, 3), e.dims(x, 3, 4)))
-    return e.op("GatherElements", x, index, axis=2)
+    """x [B, H, L, E], tokens int64 [B, H, S] -> [B, H, S, E]: whole E-long rows gathered from
+    x viewed as [B * H * L, E] (one index per row, not one per element)."""
+    rows = e.op("Mul", e.dims(x, 0, 1), e.dims(x, 1, 2))
+    num_keys = e.dims(x, 2, 3)
+    row_start = e.op("Mul", e.reshape(e.arange(rows), e.dims(tokens, 0, 2), e.ints(1)), num_keys)  # [B, H, 1]
+    flat_x = e.reshape(x, e.ints(-1), e.dims(x, 3, 4))
+    return e.op("Gather", flat_x, e.op("Add", tokens, row_start), axis=0)
 
 
 def selected_tokens(e: Emitter, blocks: str, chunk: str, num_keys: str):
