@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from typing import Optional, Sequence
 
 import numpy as np
@@ -27,6 +28,9 @@ from .schemas import DOMAIN, SELECT_TOP_BLOCKS
 logger = logging.getLogger(__name__)
 
 EXTRA = "onnx-fast"
+# How many times each kernel ran in this process: tells a test or a benchmark that a session's
+# op was served by the kernel, not by the model-local function.
+calls: Counter = Counter()
 _REGISTERED: list = []
 _LOCK = threading.Lock()
 
@@ -46,6 +50,7 @@ def select_top_blocks(query, key_codes, weight, valid, key_norms, k, must_select
     dispatcher's CPU backend."""
     from ..kernels import dispatch
 
+    calls[SELECT_TOP_BLOCKS.name] += 1
     batch, _, num_keys, _ = key_codes.shape
     valid = np.broadcast_to(valid, (batch, num_keys))
     norms = None if key_norms.size == 1 and float(key_norms.reshape(-1)[0]) == 1.0 else torch.from_numpy(key_norms)

@@ -78,6 +78,19 @@ def test_greedy_decode_in_onnxruntime_gets_the_pytorch_gsa_models_tokens(exporte
     np.testing.assert_array_equal(onnx_tokens, generated[:, PROMPT:].numpy())
 
 
+def test_a_session_with_the_cpu_kernel_decodes_the_same_tokens(exported):
+    pytest.importorskip("onnxruntime_extensions", reason="the custom kernels need gsa-compile[onnx-fast]")
+    from gsa_compile.onnx import runtime
+
+    _, _, step, proto, session = exported
+    ids, mask = _prompt()
+    before = runtime.calls["SelectTopBlocks"]
+    fast = greedy_decode(onnx_runner(gsa_compile.onnx.session(proto.SerializeToString()), step), step, ids, NEW_TOKENS, attention_mask=mask)
+    assert runtime.calls["SelectTopBlocks"] > before
+    np.testing.assert_array_equal(fast, greedy_decode(onnx_runner(session, step), step, ids, NEW_TOKENS,
+                                                      attention_mask=mask))
+
+
 def test_a_decode_step_encodes_only_the_new_keys(exported):
     _, _, step, _, session = exported
     ids, mask = _prompt(pad=0)
