@@ -97,6 +97,41 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+# The IR version torch.onnx writes; newer onnx releases default to IRs older onnxruntimes refuse.
+IR_VERSION = 10
+
+
+def node_model(op: str, example: dict, **attrs) -> onnx.ModelProto:
+    """A checked one-node model of gsa.<op> (with its functions) whose inputs have the dtypes
+    and ranks of `example` (name -> numpy array) and fully dynamic dims; attribute values are
+    python values or AttributeProtos."""
+    import numpy as np
+    from onnx import helper
+
+    register_schemas()
+    spec = OP_SPECS[op]
+    node = helper.make_node(op, [p.name for p in spec.inputs], [p.name for p in spec.outputs], domain=DOMAIN)
+    for name, value in attrs.items():
+        node.attribute.append(value if isinstance(value, onnx.AttributeProto) else helper.make_attribute(name, value))
+    query_type = helper.np_dtype_to_tensor_dtype(np.asarray(example[spec.inputs[0].name]).dtype)
+    inputs = [
+        helper.make_tensor_value_info(p.name, helper.np_dtype_to_tensor_dtype(np.asarray(example[p.name]).dtype),
+                                      [None] * np.asarray(example[p.name]).ndim)
+        for p in spec.inputs
+    ]
+    output_types = {"T": query_type, "tensor(int32)": onnx.TensorProto.INT32, "tensor(uint8)": onnx.TensorProto.UINT8}
+    outputs = [
+        helper.make_tensor_value_info(p.name, output_types[p.type_str], [None] * (3 if p.name == "blocks" else 4))
+        for p in spec.outputs
+    ]
+    graph = helper.make_graph([node], f"one_{op}", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
+                              ir_version=IR_VERSION)
+    model = attach_functions(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def _collect_gsa_ops(graph, used: set) -> None:
     """gsa op types called in a graph or function body, their subgraphs included."""
     for node in graph.node:
