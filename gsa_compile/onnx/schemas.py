@@ -184,6 +184,9 @@ OP_SPECS = {spec.name: spec for spec in (ENCODE, SELECT_BLOCKS, SELECT_TOP_BLOCK
 
 def register_schemas() -> None:
     """Make the gsa domain known to onnx (and so to onnxscript and the checker); idempotent."""
+    # onnx.reference indexes every registered schema by op name once, when first imported, and
+    # refuses two domains sharing one (ai.onnx has an Attention too): let it index before ours.
+    import onnx.reference  # noqa: F401
     for spec in OP_SPECS.values():
         if not onnx.defs.has(spec.name, DOMAIN):
             onnx.defs.register_schema(spec.schema())
