@@ -285,8 +285,11 @@ def _check_architecture(model_type: str, queue) -> None:
                        reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", sparse_calls=sparse_calls))
         return
     equal = bool((tokens == expected).all())
-    queue.put(dict(outcome="pass" if equal else "fail", sparse_calls=int(sparse_calls),
-                   reason="" if equal else f"tokens equal at {(tokens == expected).mean():.2f} of positions",
+    outcome, reason = ("pass", "") if equal else ("fail", f"tokens equal at {(tokens == expected).mean():.2f} of positions")
+    if sparse_calls == 0:
+        # The reference decoded dense (the HF route's own fallback): the comparison checks less.
+        outcome, reason = f"{outcome}, PyTorch GSA made no sparse call", reason or "the HF route ran every call dense"
+    queue.put(dict(outcome=outcome, sparse_calls=int(sparse_calls), reason=reason,
                    seconds=round(time.time() - started, 1)))
 
 

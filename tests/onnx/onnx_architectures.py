@@ -57,9 +57,7 @@ def build(model_type: str, layers: int = LAYERS):
     sizes = {**SIZES, "num_hidden_layers": layers}
     kwargs = {name: value for name, value in {**sizes, **TOKENS}.items() if _has(default, name)}
     config = config_class(**{**kwargs, **extra})
-    if "attn_implementation" not in extra:
-        config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # transformers picks sdpa where the family supports it, else eager
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     generation = model.generation_config
     generation.eos_token_id, generation.pad_token_id, generation.bos_token_id = None, 0, 1
