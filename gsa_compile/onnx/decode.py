@@ -57,6 +57,7 @@ class _StepState:
     present_codes: dict = dataclasses.field(default_factory=dict)
     present_norms: dict = dataclasses.field(default_factory=dict)
     blocks: dict = dataclasses.field(default_factory=dict)
+    plain: dict = dataclasses.field(default_factory=dict)  # layer -> why its call is plain attention
 
 
 _CURRENT: contextvars.ContextVar[Optional[_StepState]] = contextvars.ContextVar("gsa_onnx_step", default=None)
@@ -100,6 +101,7 @@ class DecodeStep(nn.Module):
         self.key_norms = bool(self.config.key_norm_weighting)
         self.layouts = _probe_layouts(model, runtime, name)
         self.code_layers = [site.layer for site in self.sites if site.policy == "sparse"]
+        self._drop_plain_sites()
 
     # ------------------------------------------------------------------ naming and shapes
     def past_names(self) -> list[str]:
@@ -140,6 +142,17 @@ class DecodeStep(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, attention_mask, *rest):
+        out, cache, state = self._run(input_ids, attention_mask, *rest)
+        presents = []
+        for layer in range(self.num_layers):
+            presents += [cache.layers[layer].keys, cache.layers[layer].values]
+            if layer in self.code_layers:
+                presents.append(state.present_codes[layer])
+                if self.key_norms:
+                    presents.append(state.present_norms[layer])
+        return (out.logits, *presents)
+
+    def _run(self, input_ids, attention_mask, *rest):
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
         position_ids, past = (rest[0], rest[1:]) if self.takes_positions else (None, rest)
@@ -160,14 +173,20 @@ class DecodeStep(nn.Module):
         extra[self.cache_argument] = cache
         with _export_attention(self.model), _step_state(state):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **extra)
-        presents = []
-        for layer in range(self.num_layers):
-            presents += [cache.layers[layer].keys, cache.layers[layer].values]
-            if layer in self.code_layers:
-                presents.append(state.present_codes[layer])
-                if self.key_norms:
-                    presents.append(state.present_norms[layer])
-        return (out.logits, *presents)
+        return out, cache, state
+
+    def _drop_plain_sites(self) -> None:
+        """Run two tokens through the step once: selecting sites whose calls turn out plain (the
+        model passes attention sinks or position bias) keep no codes, so the graph has no
+        past/present codes that nothing reads."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=next(self.model.parameters()).device)
+        leading = [ids, torch.ones_like(ids)] + ([torch.arange(2, device=ids.device)[None]] if self.takes_positions else [])
+        with torch.no_grad():
+            _, _, state = self._run(*leading, *self.empty_past(1))
+        self.plain_reasons = dict(state.plain)
+        self.code_layers = [layer for layer in self.code_layers if layer not in state.plain]
+        if self.plain_reasons:
+            logger.info("ONNX decode step: layers exported as plain attention: %s", self.plain_reasons)
 
 
 # ------------------------------------------------------------------ the attention the step exports
@@ -185,6 +204,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         )
     reason = _plain_reason(site, module, attention_mask, dropout, kwargs, state)
     if reason is not None:
+        if site.policy != "dense":
+            state.plain[site.layer] = reason
         return site.dense_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layer, steps, num_keys = site.layer, query.shape[2], key.shape[2]
     options = site.attention_kwargs(state.device_type)
@@ -368,10 +389,11 @@ def export_decode_step(
         report = step.model.gsa_report
         layers = ", ".join(f"{site.layer}: {site.policy}" + (f" ({site.note})" if site.note else "")
                            for site in report.sites)
+        plain = "; ".join(f"layer {layer}: {reason}" for layer, reason in sorted(step.plain_reasons.items()))
         raise GSAError(
             f"{type(step.model).__name__} has no GSA site to export: every attention layer is plain attention "
-            f"(policies {layers}; a selecting layer is also plain where the model passes sinks, a sliding window "
-            f"or position bias to its attention). Give the config a layer with top_k_ratio < 1"
+            f"(policies {layers}" + (f"; selecting layers whose calls are plain: {plain}" if plain else "") +
+            "). Give the config a layer with top_k_ratio < 1 whose attention the sparse path implements"
         )
     return export_onnx(program, args, path, input_names=step.input_names(), output_names=step.output_names(),
                        edit=name_dims)
