@@ -3,8 +3,9 @@
     gsa-compile export-onnx qwen3 --out step.onnx --verify 16        # tiny random-weight Qwen3
     gsa-compile export-onnx ./my-llama --config Qwen/Qwen3-4B --out step.onnx
 
-MODEL is a local transformers model directory (read with local_files_only) or a model type
-(llama, mistral, qwen2, qwen3) to build a tiny random-weight model for trying the pipeline."""
+MODEL is a local transformers model directory (read with local_files_only) of any causal LM the
+Hugging Face route optimizes, or a model type (TINY_MODEL_TYPES) to build a tiny random-weight
+model for trying the pipeline."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import time
 
 logger = logging.getLogger(__name__)
 
+# Model types whose tiny random-weight model commands.inspect.tiny_transformers_model builds.
+TINY_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "phi3")
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -22,7 +26,7 @@ def register(subparsers) -> None:
                     "codes per layer, a gsa.Attention node per GSA site (docs/onnx.md).",
     )
     parser.add_argument("model", help="local transformers model directory, or a model type "
-                                      "(llama, mistral, qwen2, qwen3) for a tiny random-weight model")
+                                      f"({', '.join(TINY_MODEL_TYPES)}) for a tiny random-weight model")
     parser.add_argument("--out", required=True, help="path of the .onnx file to write")
     parser.add_argument("--config", help="GSA config: shipped model name or JSON path (default: derived from the model)")
     parser.add_argument("--layers", type=int, default=4, help="layers of a tiny random-weight model (default 4)")
@@ -41,22 +45,21 @@ TINY_MODEL_GSA = dict(chunk_size=4, must_select_blocks=[0, -1], cpu_seq_len_thre
 def load_model(name: str, layers: int):
     """A local model directory, or a tiny random-weight model of a supported type."""
     from ..errors import GSAConfigError
-    from ..onnx.decode import SUPPORTED_MODEL_TYPES
 
     if os.path.isdir(name):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(name, local_files_only=True, torch_dtype="float32").eval()
-    if name not in SUPPORTED_MODEL_TYPES:
+    if name not in TINY_MODEL_TYPES:
         raise GSAConfigError(
-            f"model must be a local model directory or one of {list(SUPPORTED_MODEL_TYPES)}, got {name!r}"
+            f"model must be a local model directory or one of {list(TINY_MODEL_TYPES)}, got {name!r}"
         )
     if layers < 1:
         raise GSAConfigError(f"--layers must be a positive integer, got {layers}")
     from .inspect import tiny_transformers_model
 
     model = tiny_transformers_model(name, layers)
-    # Mistral configs default to a 4096-token window, far past any prompt a tiny model reads.
+    # Mistral configs default to a 4096-token window, which keeps every layer dense.
     model.config.sliding_window = None
     return model
 

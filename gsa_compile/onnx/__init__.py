@@ -4,6 +4,7 @@ runs the file and a runtime with native gsa kernels can replace the functions (d
 
 from .decode import DecodeStep, export_decode_step, greedy_decode, onnx_runner, torch_runner
 from .export import attach_functions, export_onnx
+from .runtime import session
 from .schemas import DOMAIN, OP_SPECS, OPSET_VERSION, register_schemas
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "greedy_decode",
     "onnx_runner",
     "register_schemas",
+    "session",
     "torch_runner",
 ]

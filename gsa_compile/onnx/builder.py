@@ -43,6 +43,16 @@ class Emitter:
         self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
         return names[0] if outputs == 1 else names
 
+    def call(self, domain: str, op_type: str, *inputs: str, forwarded: Sequence[tuple[str, int]] = ()) -> str:
+        """A node of another domain (a nested function call) whose attributes `forwarded`
+        ((name, type) pairs) are references to the calling node's attributes of the same name."""
+        out = self.fresh(op_type.lower())
+        node = helper.make_node(op_type, list(inputs), [out], domain=domain)
+        for name, kind in forwarded:
+            node.attribute.append(onnx.AttributeProto(name=name, ref_attr_name=name, type=kind))
+        self.nodes.append(node)
+        return out
+
     def const(self, value, dtype) -> str:
         """A Constant node holding `value` (scalar or list) as a numpy array of `dtype`."""
         array = np.asarray(value, dtype=dtype)
@@ -101,11 +111,13 @@ class Emitter:
 
 def make_function(
     name: str, domain: str, inputs: Sequence[str], outputs: Sequence[str], attributes: Sequence[str],
-    emitter: Emitter, doc: str,
+    emitter: Emitter, doc: str, domain_version: int = 1,
 ) -> onnx.FunctionProto:
+    # The function's own domain is imported too: bodies may call other ops of it.
     return helper.make_function(
         domain, name, list(inputs), list(outputs), emitter.nodes,
-        opset_imports=[helper.make_opsetid("", BODY_OPSET)], attributes=list(attributes), doc_string=doc,
+        opset_imports=[helper.make_opsetid("", BODY_OPSET), helper.make_opsetid(domain, domain_version)],
+        attributes=list(attributes), doc_string=doc,
     )
 
 

@@ -1,214 +1,430 @@
 """A decode step with an explicit cache, the shape in which a causal LM leaves PyTorch as ONNX.
 
-    step = DecodeStep(hf_model, config)           # Llama-family transformers model + GSAConfig
+    step = DecodeStep(hf_model, config)           # any transformers causal LM the HF route optimizes
     export_decode_step(step, "model.onnx")
     tokens = greedy_decode(onnx_runner(session, step), step, prompt_ids, max_new_tokens=16)
 
-Inputs: input_ids [B, T], attention_mask [B, P + T] (1 = real token), position_ids [B, T], then
-per layer i past_key_values.{i}.key / .value [B, Hkv, P, D] and, for layers that compute a
-selection, past_key_values.{i}.key_codes [B, Hkv, P, R/8]. Outputs: logits [B, T, V] and the
-matching present.{i}.key / .value / .key_codes with P + T positions. Codes of the T new keys are
-encoded (gsa.Encode) and appended to the past codes: the cache is never re-encoded. The same
-graph serves prefill (P = 0, T = prompt length: dense attention, codes written) and decode."""
+The step runs the model's own forward (its embeddings, norms, rotary, MLP, logits processing)
+on a cache built from explicit tensors, with an attention implementation that turns every GSA
+site of the Hugging Face route (gsa_compile.optimize) into one gsa op: the layer's policy, hash
+weight, budget and thresholds are the site's, so the exported graph decodes like the optimized
+PyTorch model.
+
+Inputs: input_ids [B, T], attention_mask [B, P + T] (1 = real token), position_ids [B, T] (when
+the model's forward takes them), then per layer i past_key_values.{i}.key / .value (the tensors
+the model's cache layer stores, [B, H, P, D]) and, for layers that select, past_key_values.{i}.
+key_codes [B, Hkv, P, R/8] (and .key_norms [B, Hkv, P] with key-norm weighting). Outputs: logits
+[B, T, V] and the matching present.{i}.* with P + T positions. Codes of the T new keys are encoded
+(gsa.Encode) and appended to the past codes: the cache is never re-encoded. The same graph serves
+prefill (P = 0, T = prompt length: dense attention, codes written) and decode. Sliding-window
+and dense layers are plain attention (the model's own function) over a growing cache."""
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+import logging
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as torch_F
 from torch import nn
 
 from .. import functional, ops
 from ..config import GSAConfig
-from ..errors import GSAConfigError, GSAError
-from ..hashing import layer_hash_weight
+from ..errors import GSAError
 
-# Decoder layers with q/k/v/o projections, optional per-head q/k RMS norms, rotary embeddings,
-# pre-norm residual blocks and a gated MLP: what DecodeStep reimplements around the model's modules.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION = "gsa_onnx"
+# Cache layer classes whose content is plain keys and values growing along dim -2. Sliding
+# layers drop old keys in PyTorch; the step keeps them all and lets the model's sliding mask
+# hide them, which computes the same attention.
+PLAIN_LAYER_CLASSES = ("DynamicLayer", "DynamicSlidingWindowLayer")
+EXPORTABLE_EXPERTS = "batched_mm"
+
+
+@dataclasses.dataclass
+class _StepState:
+    """What one traced forward hands from the step to its attention calls: the explicit past
+    codes per selecting layer, and what the calls produce (present codes, selections)."""
+
+    device_type: str
+    past_codes: dict = dataclasses.field(default_factory=dict)
+    past_norms: dict = dataclasses.field(default_factory=dict)
+    present_codes: dict = dataclasses.field(default_factory=dict)
+    present_norms: dict = dataclasses.field(default_factory=dict)
+    blocks: dict = dataclasses.field(default_factory=dict)
+    plain: dict = dataclasses.field(default_factory=dict)  # layer -> why its call is plain attention
+
+
+_CURRENT: contextvars.ContextVar[Optional[_StepState]] = contextvars.ContextVar("gsa_onnx_step", default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """Shapes of one layer's cache tensors (from a probe forward): heads and last dims."""
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+    dtype: torch.dtype
 
 
 class DecodeStep(nn.Module):
-    """One forward step of a Llama-family causal LM over explicit past key/value/codes tensors."""
+    """One forward of a transformers causal LM over explicit past key/value/codes tensors.
 
-    def __init__(self, model: nn.Module, config: GSAConfig, device_type: str = "cpu"):
+    `model` is optimized with gsa_compile.optimize(model, config) unless it already is (then
+    `config` must be None or the one it was optimized with); the step keeps it optimized."""
+
+    def __init__(self, model: nn.Module, config: Optional[GSAConfig] = None, device_type: str = "cpu"):
         super().__init__()
-        text = _check_supported(model)
-        if config.num_hidden_layers != text.num_hidden_layers:
-            raise GSAConfigError(
-                f"num_hidden_layers is {config.num_hidden_layers} in the GSA config but the model has "
-                f"{text.num_hidden_layers} layers"
-            )
-        if config.key_norm_weighting:
-            raise GSAConfigError(
-                "key_norm_weighting=True is not supported by the ONNX decode step (it would need past key "
-                "norms as a cache input); allowed: False"
-            )
+        from ..capture.hf import cache_argument, optimize_transformers
+
+        name = type(model).__name__
+        _check_causal_lm(model)
+        runtime = getattr(model, "gsa_runtime", None)
+        if runtime is None or (config is not None and config is not runtime.config):
+            optimize_transformers(model, config)
+            runtime = model.gsa_runtime
         self.model = model
-        self.num_kv_heads = text.num_key_value_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.policies = [config.layer_policy(layer) for layer in range(config.num_hidden_layers)]
-        self.sources = [config.selection_source(layer) for layer in range(config.num_hidden_layers)]
-        self.site_options = {
-            layer: config.attention_kwargs(layer, device_type)
-            for layer, policy in enumerate(self.policies) if policy != "dense"
-        }
-        self.code_layers = [layer for layer, policy in enumerate(self.policies) if policy == "sparse"]
-        for layer in self.code_layers:
-            weight = layer_hash_weight(config, layer, self.num_kv_heads, self.head_dim)
-            self.register_buffer(f"hash_weight_{layer}", weight, persistent=False)
-        self.code_bytes = config.hash_bits // 8
+        self.runtime = runtime
+        self.device_type = device_type
+        self.config: GSAConfig = runtime.config
+        self.num_layers = len(runtime.sites)
+        self.sites = [runtime.sites[layer] for layer in range(self.num_layers)]
+        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.cache_argument = cache_argument(model)
+        self.key_norms = bool(self.config.key_norm_weighting)
+        self.layouts = _probe_layouts(model, runtime, name)
+        self.code_layers = [site.layer for site in self.sites if site.policy == "sparse"]
+        self._drop_plain_sites()
 
     # ------------------------------------------------------------------ naming and shapes
     def past_names(self) -> list[str]:
-        return [name for layer in range(len(self.policies)) for name in self._cache_names("past_key_values", layer)]
+        return [name for layer in range(self.num_layers) for name in self._cache_names("past_key_values", layer)]
 
     def present_names(self) -> list[str]:
-        return [name for layer in range(len(self.policies)) for name in self._cache_names("present", layer)]
+        return [name for layer in range(self.num_layers) for name in self._cache_names("present", layer)]
 
     def input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "position_ids", *self.past_names()]
+        positions = ["position_ids"] if self.takes_positions else []
+        return ["input_ids", "attention_mask", *positions, *self.past_names()]
 
     def output_names(self) -> list[str]:
         return ["logits", *self.present_names()]
 
     def _cache_names(self, prefix: str, layer: int) -> list[str]:
         names = [f"{prefix}.{layer}.key", f"{prefix}.{layer}.value"]
-        return names + ([f"{prefix}.{layer}.key_codes"] if layer in self.code_layers else [])
+        if layer in self.code_layers:
+            names.append(f"{prefix}.{layer}.key_codes")
+            if self.key_norms:
+                names.append(f"{prefix}.{layer}.key_norms")
+        return names
 
     def empty_past(self, batch: int, length: int = 0) -> list[torch.Tensor]:
         """Zero past tensors of `length` positions (0 for a prefill)."""
-        dtype = self.model.get_input_embeddings().weight.dtype
         past = []
-        for layer in range(len(self.policies)):
-            # Two tensors, not one twice: torch.export would merge aliased inputs into one.
-            past += [torch.zeros(batch, self.num_kv_heads, length, self.head_dim, dtype=dtype) for _ in range(2)]
+        code_bytes = self.config.hash_bits // 8
+        for layer, layout in enumerate(self.layouts):
+            # Separate tensors, never one twice: torch.export would merge aliased inputs into one.
+            past.append(torch.zeros(batch, layout.key_heads, length, layout.key_dim, dtype=layout.dtype))
+            past.append(torch.zeros(batch, layout.value_heads, length, layout.value_dim, dtype=layout.dtype))
             if layer in self.code_layers:
-                past.append(torch.zeros(batch, self.num_kv_heads, length, self.code_bytes, dtype=torch.uint8))
+                heads = self.sites[layer].shape.kv_heads
+                past.append(torch.zeros(batch, heads, length, code_bytes, dtype=torch.uint8))
+                if self.key_norms:
+                    past.append(torch.zeros(batch, heads, length, dtype=torch.float32))
         return past
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        decoder = self.model.model
-        hidden = decoder.embed_tokens(input_ids)
-        rotary = decoder.rotary_emb(hidden, position_ids)
-        mask = step_mask(attention_mask, input_ids.shape[1], past[0].shape[2])
-        cache = iter(past)
-        presents, blocks_of = [], {}
-        for layer, block in enumerate(decoder.layers):
-            past_key, past_value = next(cache), next(cache)
-            past_codes = next(cache) if layer in self.code_layers else None
-            attn_out, present = self._attention(
-                layer, block.self_attn, block.input_layernorm(hidden), rotary, mask,
-                past_key, past_value, past_codes, blocks_of,
-            )
-            hidden = hidden + attn_out
-            hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-            presents += present
-        logits = self.model.lm_head(decoder.norm(hidden))
-        return (logits, *presents)
+    def forward(self, input_ids, attention_mask, *rest):
+        out, cache, state = self._run(input_ids, attention_mask, *rest)
+        presents = []
+        for layer in range(self.num_layers):
+            presents += [cache.layers[layer].keys, cache.layers[layer].values]
+            if layer in self.code_layers:
+                presents.append(state.present_codes[layer])
+                if self.key_norms:
+                    presents.append(state.present_norms[layer])
+        return (out.logits, *presents)
 
-    def _attention(self, layer, attn, hidden, rotary, mask, past_key, past_value, past_codes, blocks_of):
-        batch, steps = hidden.shape[:2]
-        query, key, value = (
-            _heads(attn, name, hidden, self.head_dim) for name in ("q", "k", "v")
+    def _run(self, input_ids, attention_mask, *rest):
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        position_ids, past = (rest[0], rest[1:]) if self.takes_positions else (None, rest)
+        cache = DynamicCache()
+        state = _StepState(self.device_type)
+        tensors = iter(past)
+        for layer in range(self.num_layers):
+            cache_layer = DynamicLayer()
+            keys, values = next(tensors), next(tensors)
+            cache_layer.lazy_initialization(keys, values)
+            cache_layer.keys, cache_layer.values = keys, values
+            cache.layers.append(cache_layer)
+            if layer in self.code_layers:
+                state.past_codes[layer] = next(tensors)
+                if self.key_norms:
+                    state.past_norms[layer] = next(tensors)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        extra[self.cache_argument] = cache
+        with _export_attention(self.model), _step_state(state):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **extra)
+        return out, cache, state
+
+    def _drop_plain_sites(self) -> None:
+        """Run two tokens through the step once: selecting sites whose calls turn out plain (the
+        model passes attention sinks or position bias) keep no codes, so the graph has no
+        past/present codes that nothing reads."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=next(self.model.parameters()).device)
+        leading = [ids, torch.ones_like(ids)] + ([torch.arange(2, device=ids.device)[None]] if self.takes_positions else [])
+        with torch.no_grad():
+            _, _, state = self._run(*leading, *self.empty_past(1))
+        self.plain_reasons = dict(state.plain)
+        self.code_layers = [layer for layer in self.code_layers if layer not in state.plain]
+        if self.plain_reasons:
+            logger.info("ONNX decode step: layers exported as plain attention: %s", self.plain_reasons)
+
+
+# ------------------------------------------------------------------ the attention the step exports
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention implementation a DecodeStep traces: one gsa op per GSA site, the model's
+    own attention function for every layer the Hugging Face route keeps plain."""
+    from ..capture.hf_sites import SITE_ATTRIBUTE
+
+    site = getattr(module, SITE_ATTRIBUTE, None)
+    state = _CURRENT.get()
+    if site is None or state is None:
+        raise GSAError(
+            f"{type(module).__name__} runs the {IMPLEMENTATION!r} attention implementation outside a "
+            f"gsa_compile.onnx.DecodeStep; it only serves the ONNX export of a decode step"
         )
-        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        query, key = apply_rotary(query, key, *rotary)
-        keys = torch.cat([past_key, key], dim=2)
-        values = torch.cat([past_value, value], dim=2)
-        present = [keys, values]
-        policy = self.policies[layer]
-        if policy == "dense":
-            out = torch_F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=query.shape[1] != keys.shape[1]
-            )
-        elif policy == "sparse":
-            weight = getattr(self, f"hash_weight_{layer}")
-            codes = torch.cat([past_codes, functional.encode(key, weight)], dim=2)
-            present.append(codes)
-            out, blocks_of[layer] = functional.gsa_attention(
-                query, keys, values, weight, key_codes=codes, attn_mask=mask, scale=attn.scaling,
-                return_blocks=True, **self.site_options[layer],
-            )
-        else:
-            source = self.sources[layer]
-            weight = getattr(self, f"hash_weight_{source}")
-            # Shape-only codes: a reusing site reads the source layer's selection, never codes.
-            unused_codes = keys.new_zeros((), dtype=torch.uint8).expand(*keys.shape[:3], self.code_bytes)
-            options = self.site_options[layer]
-            out, _ = ops.attention(
-                query, keys, values, unused_codes, weight, mask, None, blocks_of[source], False, attn.scaling,
-                None, options["chunk_size"], options["top_k_ratio"], options["budget_tokens"],
-                options["must_select"], options["repre"], options["scope"], options["seq_len_threshold"],
-                options["concurrency_threshold"],
-            )
-        out = out.transpose(1, 2).reshape(batch, steps, -1)
-        return attn.o_proj(out), present
+    reason = _plain_reason(site, module, attention_mask, dropout, kwargs, state)
+    if reason is not None:
+        if site.policy != "dense":
+            state.plain[site.layer] = reason
+        return site.dense_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    layer, steps, num_keys = site.layer, query.shape[2], key.shape[2]
+    options = site.attention_kwargs(state.device_type)
+    mask = _explicit_mask(attention_mask, steps, num_keys, query.device)
+    softcap = kwargs.get("softcap")
+    if site.policy == "sparse":
+        new_keys = key[:, :, num_keys - steps:]
+        codes = torch.cat([state.past_codes[layer], functional.encode(new_keys, site.hash_weight)], dim=2)
+        norms = None
+        if layer in state.past_norms:
+            norms = torch.cat([state.past_norms[layer], functional.key_norms(new_keys)], dim=2)
+            state.present_norms[layer] = norms
+        state.present_codes[layer] = codes
+        out, state.blocks[layer] = functional.gsa_attention(
+            query, key, value, site.hash_weight, key_codes=codes, key_norms=norms, attn_mask=mask, scale=scaling,
+            softcap=softcap, return_blocks=True, **options,
+        )
+    else:
+        source = site.source()
+        # Shape-only codes: a reusing site reads the source layer's selection, never codes.
+        unused_codes = key.new_zeros((), dtype=torch.uint8).expand(*key.shape[:3], source.hash_weight.shape[-1] // 8)
+        out, _ = ops.attention(
+            query, key, value, unused_codes, source.hash_weight, mask, None, state.blocks[source.layer], False,
+            scaling, softcap, options["chunk_size"], options["top_k_ratio"], options["budget_tokens"],
+            options["must_select"], options["repre"], options["scope"], options["seq_len_threshold"],
+            options["concurrency_threshold"],
+        )
+    return out.transpose(1, 2).contiguous(), None
 
 
-def _heads(attn: nn.Module, name: str, hidden: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[B, T, hidden] -> [B, H, T, head_dim] through {name}_proj and the optional {name}_norm."""
-    states = getattr(attn, f"{name}_proj")(hidden).view(*hidden.shape[:2], -1, head_dim)
-    norm = getattr(attn, f"{name}_norm", None)
-    if norm is not None:
-        states = norm(states)
-    return states.transpose(1, 2)
+def _plain_reason(site, module, attention_mask, dropout, kwargs, state) -> Optional[str]:
+    """Why a layer is exported as the model's own attention (the Hugging Face route's rules for
+    what the sparse path does not implement), or None for a gsa op."""
+    from ..capture.hf_attention import DENSE_ONLY_KWARGS
+
+    if site.policy == "dense":
+        return "dense layer"
+    if module.training and dropout:
+        return "training with attention dropout"
+    if kwargs.get("output_attentions"):
+        return "attention weights requested"
+    for name in DENSE_ONLY_KWARGS:
+        if kwargs.get(name) is not None:
+            return f"{name} is not implemented by the sparse path"
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        return f"mask of type {type(attention_mask).__name__}"
+    if site.policy == "reuse" and site.source().layer not in state.blocks:
+        return f"layer {site.source().layer} whose selection this layer reuses is plain attention"
+    return None
 
 
-def step_mask(attention_mask: torch.Tensor, steps: int, past_len) -> torch.Tensor:
-    """bool [B, 1, T, P + T]: query t (at cache position P + t) sees real keys up to itself.
-    It always sees itself, so a padding query has a finite (ignored) output rather than NaN."""
-    key_pos = torch.arange(past_len + steps, device=attention_mask.device)
-    query_pos = past_len + torch.arange(steps, device=attention_mask.device)
-    causal = key_pos[None, :] <= query_pos[:, None]
-    real = attention_mask.bool()[:, None, None, :]
-    return (causal[None, None] & real) | (key_pos[None, :] == query_pos[:, None])[None, None]
+def _explicit_mask(attention_mask, steps, num_keys, device):
+    """The model's mask cut to the keys, or (no mask: SDPA's causal case) a causal mask aligned
+    to the end of the cache, so the op never branches on the number of new tokens."""
+    if attention_mask is not None:
+        return attention_mask[..., :num_keys]
+    key_pos = torch.arange(num_keys, device=device)
+    query_pos = torch.arange(steps, device=device) + (num_keys - steps)
+    return (key_pos[None, :] <= query_pos[:, None])[None, None]
 
 
-def _check_supported(model: nn.Module):
+@contextlib.contextmanager
+def _step_state(state: _StepState):
+    token = _CURRENT.set(state)
+    try:
+        yield state
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def _export_attention(model):
+    """Inside: the model's attention runs attention_forward (registered under IMPLEMENTATION,
+    with the masks of the model's original implementation) and the HF route's cache hook is off."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from ..capture.hf import gsa_disabled
+
+    runtime = model.gsa_runtime
+    AttentionInterface.register(IMPLEMENTATION, attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS[runtime.original_implementation])
+    experts = getattr(model.config, "_experts_implementation", None)
+    # Mixture-of-experts layers: grouped_mm runs a transformers custom op that has no ONNX
+    # translation; batched_mm computes the same products with standard ops.
+    switch_experts = experts not in (None, EXPORTABLE_EXPERTS) and model._can_set_experts_implementation()
+    with gsa_disabled(model):
+        model.set_attn_implementation(IMPLEMENTATION)
+        if switch_experts:
+            model.set_experts_implementation(EXPORTABLE_EXPERTS)
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(runtime.original_implementation)
+            if switch_experts:
+                model.set_experts_implementation(experts)
+
+
+# ------------------------------------------------------------------ what the step can export
+def _check_causal_lm(model: nn.Module) -> None:
+    name = type(model).__name__
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    model_type = getattr(text, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(model, "lm_head"):
+    if config is None or not hasattr(model, "generate"):
         raise GSAError(
-            f"DecodeStep supports causal LMs of model types {list(SUPPORTED_MODEL_TYPES)}, got "
-            f"{type(model).__name__} (model_type {model_type!r}); export another model by writing its step "
-            f"with gsa_compile.functional and passing it to gsa_compile.export_onnx"
+            f"DecodeStep exports transformers causal LMs (a model with .config and .generate), got {name}; "
+            f"export another model with gsa_compile.export_onnx(model, args, path, config=...)"
         )
-    layer_types = getattr(text, "layer_types", None) or []
-    window = getattr(text, "sliding_window", None)
-    if window and ("sliding_attention" in layer_types or getattr(text, "use_sliding_window", False)
-                   or model_type == "mistral"):
+    if getattr(config, "is_encoder_decoder", False):
+        raise GSAError(f"{name} is an encoder-decoder model; the ONNX decode step covers decoder-only causal LMs")
+
+
+def _probe_layouts(model: nn.Module, runtime, name: str) -> list[CacheLayout]:
+    """Run two tokens through the model with the cache generate() would build and read each
+    layer's cache tensors; refuse caches that hold more than growing keys and values."""
+    from transformers.cache_utils import DynamicCache
+
+    from ..capture.hf import cache_argument, gsa_disabled
+
+    cache = DynamicCache(config=model.config)
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    with torch.no_grad(), gsa_disabled(model):
+        model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
+    layouts = cache_layouts(cache, name)
+    if len(layouts) != len(runtime.sites):
         raise GSAError(
-            f"DecodeStep does not implement sliding-window attention (sliding_window={window}); allowed: "
-            f"full attention layers only (sliding_window=None)"
+            f"{name}: the cache has {len(layouts)} layers but the model has {len(runtime.sites)} attention "
+            f"layers; the ONNX decode step needs one key/value cache layer per attention layer"
         )
-    return text
+    return layouts
+
+
+def cache_layouts(cache, name: str) -> list[CacheLayout]:
+    """Each layer's cache tensors after a 2-token forward; refuses layers that hold anything but
+    growing keys and values."""
+    cache = getattr(cache, "self_attention_cache", cache)
+    layouts = []
+    for layer, cache_layer in enumerate(cache.layers):
+        kind = type(cache_layer).__name__
+        if kind not in PLAIN_LAYER_CLASSES:
+            raise GSAError(
+                f"{name}: cache layer {layer} is a {kind}, which keeps state other than growing keys and values "
+                f"(recurrent or convolution state, quantized or offloaded tensors); the ONNX decode step "
+                f"carries {list(PLAIN_LAYER_CLASSES)} layers only"
+            )
+        keys, values = cache_layer.keys, cache_layer.values
+        if keys is None or keys.dim() != 4 or keys.shape[2] != 2:
+            raise GSAError(
+                f"{name}: cache layer {layer} holds keys of shape "
+                f"{None if keys is None else tuple(keys.shape)} after 2 tokens; the ONNX decode step needs "
+                f"[batch, heads, positions, dim] tensors"
+            )
+        layouts.append(CacheLayout(keys.shape[1], keys.shape[3], values.shape[1], values.shape[3], keys.dtype))
+    return layouts
 
 
 # ------------------------------------------------------------------ export and greedy decoding
-def export_decode_step(step: DecodeStep, path: Optional[str], *, batch: int = 2, prompt: int = 3, past: int = 5):
-    """Export `step` to ONNX with dynamic batch, new tokens and past length; returns the ModelProto."""
-    from .export import export_onnx
+def export_decode_step(
+    step: DecodeStep, path: Optional[str], *, batch: int = 2, prompt: int = 3, past: int = 5,
+    example_ids: Optional[torch.Tensor] = None,
+):
+    """Export `step` to ONNX with dynamic batch, new tokens and past length; returns the ModelProto.
+    example_ids (optional) are the example's new tokens (at least 2 rows and 2 tokens)."""
+    from .export import export_onnx, gsa_nodes
 
     vocab = step.model.get_input_embeddings().weight.shape[0]
-    input_ids = torch.randint(0, vocab, (batch, prompt))
+    input_ids = torch.randint(0, vocab, (batch, prompt)) if example_ids is None else example_ids
+    batch, prompt = input_ids.shape
     mask = torch.ones(batch, past + prompt, dtype=torch.int64)
     positions = torch.arange(past, past + prompt).expand(batch, prompt)
-    args = (input_ids, mask, positions, *step.empty_past(batch, past))
     dynamic = torch.export.Dim.DYNAMIC
-    cache_dims = [{0: dynamic, 2: dynamic} for _ in step.past_names()]
-    # forward(*past) takes the cache as one tuple argument in torch.export's view.
-    dynamic_shapes = ({0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic}, tuple(cache_dims))
+    leading = [input_ids, mask] + ([positions] if step.takes_positions else [])
+    args = (*leading, *step.empty_past(batch, past))
+    cache_dims = tuple({0: dynamic, 2: dynamic} for _ in step.past_names())
+    # forward(input_ids, attention_mask, *rest) takes the rest as one tuple argument in torch.export's view.
+    dynamic_shapes = ({0: dynamic, 1: dynamic}, {0: dynamic, 1: dynamic},
+                      (({0: dynamic, 1: dynamic},) if step.takes_positions else ()) + cache_dims)
     with torch.no_grad():
-        return export_onnx(
-            step, args, path, dynamic_shapes=dynamic_shapes,
-            input_names=step.input_names(), output_names=step.output_names(),
+        program = torch.export.export(step, args, dynamic_shapes=dynamic_shapes)
+    if not gsa_nodes(program):
+        report = step.model.gsa_report
+        layers = ", ".join(f"{site.layer}: {site.policy}" + (f" ({site.note})" if site.note else "")
+                           for site in report.sites)
+        plain = "; ".join(f"layer {layer}: {reason}" for layer, reason in sorted(step.plain_reasons.items()))
+        raise GSAError(
+            f"{type(step.model).__name__} has no GSA site to export: every attention layer is plain attention "
+            f"(policies {layers}" + (f"; selecting layers whose calls are plain: {plain}" if plain else "") +
+            "). Give the config a layer with top_k_ratio < 1 whose attention the sparse path implements"
         )
+    return export_onnx(program, args, path, input_names=step.input_names(), output_names=step.output_names(),
+                       edit=name_dims)
+
+
+DIM_NAMES = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
+
+
+def name_dims(proto) -> None:
+    """Give the dynamic dims of a decode step's inputs and outputs the names decoder runtimes use:
+    batch_size, sequence_length (new tokens), past_sequence_length, total_sequence_length."""
+    graph = proto.graph
+    inputs = {value.name: value for value in graph.input}
+    symbols = {}
+    for name, axis, meaning in (("input_ids", 0, DIM_NAMES[0]), ("input_ids", 1, DIM_NAMES[1]),
+                                ("attention_mask", 1, DIM_NAMES[3])):
+        symbols.setdefault(inputs[name].type.tensor_type.shape.dim[axis].dim_param, meaning)
+    for value in graph.input:
+        # Every input's first dim is the batch, whether or not the exporter related the symbols.
+        symbols.setdefault(value.type.tensor_type.shape.dim[0].dim_param, DIM_NAMES[0])
+        if value.name.startswith("past_key_values."):
+            symbols.setdefault(value.type.tensor_type.shape.dim[2].dim_param, DIM_NAMES[2])
+    for value in [*graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if not dim.dim_param:
+                continue
+            if dim.dim_param in symbols:
+                dim.dim_param = symbols[dim.dim_param]
+            elif value.name.startswith("present.") and axis == 2:
+                dim.dim_param = DIM_NAMES[3]  # past + new, written as an expression by the exporter
 
 
 def greedy_decode(
@@ -223,8 +439,9 @@ def greedy_decode(
     past = [t.numpy() for t in step.empty_past(batch)]
     tokens, generated = input_ids, []
     for _ in range(max_new_tokens):
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -tokens.shape[1]:]
-        feeds = {"input_ids": tokens, "attention_mask": mask, "position_ids": positions}
+        feeds = {"input_ids": tokens, "attention_mask": mask}
+        if step.takes_positions:
+            feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -tokens.shape[1]:]
         feeds.update(zip(step.past_names(), past))
         logits, *past = run(feeds)
         tokens = logits[:, -1:].argmax(-1).astype(np.int64)

@@ -4,15 +4,28 @@ onnxruntime inlines them; a runtime with a kernel registered for gsa.<Op> runs t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import onnx
 from onnx import AttributeProto as A
 
 from . import steps
-from .builder import BOOL, Emitter, make_function
-from .schemas import ATTENTION, DOMAIN, ENCODE, REUSE_ATTENTION, SELECT_BLOCKS, SPARSE_ATTENTION, OpSpec
+from .builder import BOOL, FLOAT, Emitter, make_function
+from .schemas import (
+    ATTENTION,
+    DOMAIN,
+    ENCODE,
+    OPSET_VERSION,
+    REUSE_ATTENTION,
+    SELECT_BLOCKS,
+    SELECT_TOP_BLOCKS,
+    SPARSE_ATTENTION,
+    OpSpec,
+)
+
+# The attributes of the calling node a SelectTopBlocks call inside another body forwards.
+_SELECTION_ATTRS = (("chunk_size", A.INT), ("repre", A.STRING), ("scope", A.STRING))
 
 
 class _Attrs:
@@ -50,17 +63,28 @@ def _encode(e: Emitter) -> list[str]:
 
 def _select_blocks(e: Emitter) -> list[str]:
     attrs = _Attrs(e)
-    chunk, must_select = attrs.chunk(), attrs.ints("must_select")
     wanted = e.reshape(attrs.int("num_blocks"), e.ints(1))
-    repre, scope = attrs.string("repre"), attrs.string("scope")
     num_keys = e.dims("key_codes", 2, 3)
-    n_blocks = steps.num_blocks(e, num_keys, chunk)
+    n_blocks = steps.num_blocks(e, num_keys, attrs.chunk())
     valid = e.op("Expand", "valid", e.cat(e.dims("query", 0, 1), num_keys))
-    similarity = steps.token_similarity(e, "query", "key_codes", "weight", "key_norms")
-    scores = steps.block_scores(e, similarity, valid, chunk, n_blocks, repre, scope)
     k = e.op("Min", wanted, n_blocks)
-    blocks = steps.top_blocks(e, scores, steps.must_select_mask(e, must_select, n_blocks), k, n_blocks)
+    blocks = _call_select(e, e.cast("query", FLOAT), valid, k, attrs.ints("must_select"))
     return [steps.pad_blocks(e, blocks, wanted)]
+
+
+def _select_top_blocks(e: Emitter) -> list[str]:
+    attrs = _Attrs(e)
+    chunk, repre, scope = attrs.chunk(), attrs.string("repre"), attrs.string("scope")
+    n_blocks = steps.num_blocks(e, e.dims("key_codes", 2, 3), chunk)
+    similarity = steps.token_similarity(e, "query", "key_codes", "weight", "key_norms")
+    scores = steps.block_scores(e, similarity, "valid", chunk, n_blocks, repre, scope)
+    return [steps.top_blocks(e, scores, steps.must_select_mask(e, "must_select", n_blocks), "k", n_blocks)]
+
+
+def _call_select(e: Emitter, query: str, valid: str, k: str, must_select: str) -> str:
+    """gsa.SelectTopBlocks on the calling node's codes, weight and key norms."""
+    return e.call(DOMAIN, SELECT_TOP_BLOCKS.name, query, "key_codes", "weight", valid, "key_norms", k, must_select,
+                  forwarded=_SELECTION_ATTRS)
 
 
 def _sparse_attention(e: Emitter) -> list[str]:
@@ -71,20 +95,22 @@ def _sparse_attention(e: Emitter) -> list[str]:
 
 @dataclass
 class _Site:
-    """Values of an attention site that a selection rule needs, all computed outside its branch."""
+    """Values of an attention site that a selection rule needs."""
 
-    chunk: str
-    n_blocks: str
     valid: str
-    query: str = ""
-    must: str = ""
-    k: str = ""
-    extra: dict = field(default_factory=dict)
+    query: str
+    must_select: str
+    k: str
 
 
-def _site(e: Emitter, select: Callable, read_extra: Callable = lambda attrs: {}) -> list[str]:
-    """The body shared by Attention and ReuseAttention: mask -> valid keys, the dense-fallback
-    If, and in the sparse branch select(branch, site) -> blocks, then sparse attention."""
+def _site(e: Emitter, select: Callable) -> list[str]:
+    """The body shared by Attention and ReuseAttention: mask -> valid keys, budget, the selection
+    select(e, site) -> blocks, then the dense-fallback If whose sparse branch attends the blocks.
+
+    The selection is made outside the If, on the last query token, even for a call that runs
+    dense: it costs a pass over the codes, little beside dense attention, and keeps the
+    selection kernel (gsa.SelectTopBlocks) a node of the body itself, where a runtime's
+    registered kernel replaces it; nodes inside If branches cannot read the node's attributes."""
     attrs = _Attrs(e)
     chunk, scale, softcap = attrs.chunk(), attrs.float("scale"), attrs.float("softcap")
     is_causal, must_select = attrs.flag("is_causal"), attrs.ints("must_select")
@@ -92,23 +118,23 @@ def _site(e: Emitter, select: Callable, read_extra: Callable = lambda attrs: {})
     thresholds = attrs.int("seq_len_threshold"), attrs.int("concurrency_threshold")
     num_keys = e.dims("key", 2, 3)
     n_blocks = steps.num_blocks(e, num_keys, chunk)
-    bias = steps.last_row_bias(e, "attn_mask", "query", num_keys)
-    site = _Site(chunk, n_blocks, steps.valid_keys(e, bias), extra=read_extra(attrs))
-    dense = steps.runs_dense(e, "query", num_keys, site.valid, is_causal, *thresholds)
+    valid = steps.valid_keys(e, "attn_mask", "query", num_keys)
+    dense = steps.runs_dense(e, "query", num_keys, valid, is_causal, *thresholds)
+    must = steps.must_select_mask(e, must_select, n_blocks)
+    # The last token: a dense call may have several; static-shape inference (onnxruntime checks
+    # both branches when it loads a model) then sees a one-token query in the sparse branch.
+    site = _Site(valid, steps.last_token(e, "query"), must_select,
+                 steps.budget(e, n_blocks, chunk, ratio, budget_tokens, must))
+    blocks = select(e, site)
 
     dense_branch = e.branch()
     dense_out = steps.dense_attention(dense_branch, "query", "key", "value", "attn_mask", is_causal, scale, softcap)
     dense_blocks = steps.every_block(dense_branch, "key", n_blocks)
 
     sparse_branch = e.branch()
-    # The branch runs only when T == 1; slicing the last token lets static-shape inference
-    # (onnxruntime checks both branches when it loads a model) see a one-token query.
-    site.query = steps.last_token(sparse_branch, "query")
-    site.must = steps.must_select_mask(sparse_branch, must_select, n_blocks)
-    site.k = steps.budget(sparse_branch, n_blocks, chunk, ratio, budget_tokens, site.must)
-    blocks = select(sparse_branch, site)
+    bias = steps.last_row_bias(sparse_branch, "attn_mask", "query", num_keys)
     sparse_out = steps.sparse_attention(
-        sparse_branch, site.query, "key", "value", blocks, site.valid, bias, chunk, scale, softcap
+        sparse_branch, site.query, "key", "value", blocks, valid, bias, chunk, scale, softcap
     )
     sparse_blocks = steps.pad_blocks(sparse_branch, blocks, n_blocks)
 
@@ -119,23 +145,18 @@ def _site(e: Emitter, select: Callable, read_extra: Callable = lambda attrs: {})
     )
 
 
-def _select_by_scores(e: Emitter, site: _Site) -> str:
-    similarity = steps.token_similarity(e, site.query, "key_codes", "weight", "key_norms")
-    scores = steps.block_scores(e, similarity, site.valid, site.chunk, site.n_blocks, **site.extra)
-    return steps.top_blocks(e, scores, site.must, site.k, site.n_blocks)
-
-
 def _attention(e: Emitter) -> list[str]:
-    return _site(e, _select_by_scores, lambda attrs: {"repre": attrs.string("repre"), "scope": attrs.string("scope")})
+    return _site(e, lambda e, site: _call_select(e, e.cast(site.query, FLOAT), site.valid, site.k, site.must_select))
 
 
 def _reuse_attention(e: Emitter) -> list[str]:
-    return _site(e, lambda branch, site: branch.op("Slice", "reuse_blocks", branch.ints(0), site.k, branch.ints(2)))
+    return _site(e, lambda e, site: e.op("Slice", "reuse_blocks", e.ints(0), site.k, e.ints(2)))
 
 
 _BODIES = {
     ENCODE.name: _encode,
     SELECT_BLOCKS.name: _select_blocks,
+    SELECT_TOP_BLOCKS.name: _select_top_blocks,
     SPARSE_ATTENTION.name: _sparse_attention,
     ATTENTION.name: _attention,
     REUSE_ATTENTION.name: _reuse_attention,

@@ -49,7 +49,8 @@ class OpSpec:
             self.name, DOMAIN, OPSET_VERSION, self.doc,
             inputs=[OpSchema.FormalParameter(p.name, p.type_str, p.doc) for p in self.inputs],
             outputs=[OpSchema.FormalParameter(p.name, p.type_str, p.doc) for p in self.outputs],
-            type_constraints=[("T", FLOAT_TYPES, "query/key/value/mask dtype")],
+            type_constraints=[("T", FLOAT_TYPES, "query/key/value/mask dtype")]
+            if any(p.type_str == "T" for p in (*self.inputs, *self.outputs)) else [],
             attributes=[OpSchema.Attribute(a.name, a.kind, a.doc) for a in self.attributes],
         )
 
@@ -117,6 +118,23 @@ SELECT_BLOCKS = OpSpec(
     attributes=(CHUNK, Attr("num_blocks", _INT, "k, the number of blocks to select"), MUST, REPRE, SCOPE),
 )
 
+SELECT_TOP_BLOCKS = OpSpec(
+    "SelectTopBlocks",
+    "The selection kernel every other selecting op calls (Attention before its dense-fallback "
+    "branch, SelectBlocks): SelectBlocks' scoring and order with the budget k and the "
+    "must-select list as tensors, so one kernel serves budgets that depend on the cache length.",
+    inputs=(
+        Param("query", "tensor(float)", "[B, Hq, 1, D]: one query token per row, float32"),
+        KEY_CODES, WEIGHT,
+        Param("valid", "tensor(bool)", "[B, L]: False marks a masked/padding key"),
+        KEY_NORMS,
+        Param("k", "tensor(int64)", "[1]: blocks to select, 0 < k <= ceil(L / C)"),
+        Param("must_select", "tensor(int64)", "[m]: blocks always kept (>= 0 from the start, < 0 from the end)"),
+    ),
+    outputs=(Param("blocks", "tensor(int32)", "[B, Hkv, k]: ascending, -1 padded at the end"),),
+    attributes=(CHUNK, REPRE, SCOPE),
+)
+
 SPARSE_ATTENTION = OpSpec(
     "SparseAttention",
     "Exact softmax attention of each query head over the valid tokens of its KV head's selected "
@@ -161,11 +179,14 @@ REUSE_ATTENTION = OpSpec(
     attributes=BUDGET_ATTRS + CALL_ATTRS,
 )
 
-OP_SPECS = {spec.name: spec for spec in (ENCODE, SELECT_BLOCKS, SPARSE_ATTENTION, ATTENTION, REUSE_ATTENTION)}
+OP_SPECS = {spec.name: spec for spec in (ENCODE, SELECT_BLOCKS, SELECT_TOP_BLOCKS, SPARSE_ATTENTION, ATTENTION, REUSE_ATTENTION)}
 
 
 def register_schemas() -> None:
     """Make the gsa domain known to onnx (and so to onnxscript and the checker); idempotent."""
+    # onnx.reference indexes every registered schema by op name once, when first imported, and
+    # refuses two domains sharing one (ai.onnx has an Attention too): let it index before ours.
+    import onnx.reference  # noqa: F401
     for spec in OP_SPECS.values():
         if not onnx.defs.has(spec.name, DOMAIN):
             onnx.defs.register_schema(spec.schema())

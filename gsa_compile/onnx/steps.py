@@ -149,11 +149,13 @@ def last_row_bias(e: Emitter, attn_mask: str, query: str, num_keys: str) -> str:
     return e.op("Expand", last_token(e, attn_mask), e.cat(e.dims(query, 0, 2), e.ints(1), num_keys))
 
 
-def valid_keys(e: Emitter, bias: str) -> str:
-    """bool [B, L]: keys that some query head may attend (bias above -inf)."""
-    allowed = e.op("Greater", bias, e.op("CastLike", e.const(-np.inf, np.float32), bias))
+def valid_keys(e: Emitter, attn_mask: str, query: str, num_keys: str) -> str:
+    """bool [B, L]: keys that some query head may attend in the last mask row (above -inf).
+    Read from the mask as given: broadcasting it over heads first would change no value."""
+    row = last_token(e, attn_mask)
+    allowed = e.op("Greater", row, e.op("CastLike", e.const(-np.inf, np.float32), row))
     any_head = e.reduce("ReduceMax", e.cast(allowed, INT32), [1, 2])
-    return e.op("Greater", any_head, e.const(0, np.int32))
+    return e.op("Expand", e.op("Greater", any_head, e.const(0, np.int32)), e.cat(e.dims(query, 0, 1), num_keys))
 
 
 # ------------------------------------------------------------------ attention
@@ -172,9 +174,13 @@ def softmax_or_zero(e: Emitter, logits: str) -> str:
 
 
 def gather_tokens(e: Emitter, x: str, tokens: str) -> str:
-    """x [B, H, L, E], tokens int64 [B, H, S] -> [B, H, S, E]."""
-    index = e.op("Expand", e.unsqueeze(tokens, -1), e.cat(e.dims(tokens, 0, 3), e.dims(x, 3, 4)))
-    return e.op("GatherElements", x, index, axis=2)
+    """x [B, H, L, E], tokens int64 [B, H, S] -> [B, H, S, E]: whole E-long rows gathered from
+    x viewed as [B * H * L, E] (one index per row, not one per element)."""
+    rows = e.op("Mul", e.dims(x, 0, 1), e.dims(x, 1, 2))
+    num_keys = e.dims(x, 2, 3)
+    row_start = e.op("Mul", e.reshape(e.arange(rows), e.dims(tokens, 0, 2), e.ints(1)), num_keys)  # [B, H, 1]
+    flat_x = e.reshape(x, e.ints(-1), e.dims(x, 3, 4))
+    return e.op("Gather", flat_x, e.op("Add", tokens, row_start), axis=0)
 
 
 def selected_tokens(e: Emitter, blocks: str, chunk: str, num_keys: str):
@@ -189,6 +195,25 @@ def selected_tokens(e: Emitter, blocks: str, chunk: str, num_keys: str):
     return e.reshape(clamped, flat), e.reshape(in_range, flat)
 
 
+def _if_wide(e: Emitter, size: str, index: str) -> str:
+    """index where the broadcast dim `size` is > 1, else 0 (its one entry serves every index)."""
+    return e.op("Mul", index, e.op("Min", e.op("Sub", size, e.ints(1)), e.ints(1)))
+
+
+def selected_bias(e: Emitter, bias: str, query: str, key: str, tokens: str) -> str:
+    """bias broadcastable to [B, Hq, 1, L], tokens int64 [B, Hkv, S] -> [B, Hkv, G, S]: each query
+    head's bias at its KV head's selected tokens, read from the bias as given (never broadcast
+    to [B, Hq, L] first)."""
+    row = e.op("Expand", bias, e.ints(1, 1, 1, 1))  # rank 4, the dims it has
+    heads, length = e.dims(row, 1, 2), e.dims(row, 3, 4)
+    batch = e.reshape(e.arange(e.dims(query, 0, 1)), e.ints(-1, 1, 1, 1))  # [B, 1, 1, 1]
+    q_heads = e.reshape(e.arange(e.dims(query, 1, 2)), e.dims(key, 1, 2), e.ints(-1, 1))  # [Hkv, G, 1]
+    index = e.op("Add", e.op("Mul", _if_wide(e, e.dims(row, 0, 1), batch), e.op("Mul", heads, length)),
+                 e.op("Mul", _if_wide(e, heads, q_heads), length))
+    index = e.op("Add", index, _if_wide(e, length, e.unsqueeze(tokens, 2)))
+    return e.op("Gather", e.reshape(row, e.ints(-1)), index, axis=0)
+
+
 def sparse_attention(
     e: Emitter, query: str, key: str, value: str, blocks: str, valid: str, bias: str,
     chunk: str, scale: str, softcap: str,
@@ -201,13 +226,10 @@ def sparse_attention(
     grouped_query = e.reshape(e.cast(query, FLOAT), e.dims(key, 0, 2), e.ints(-1), e.dims(query, 3, 4))
     logits = e.op("Mul", e.op("MatMul", grouped_query, keys), scale)  # [B, Hkv, G, S]
     logits = softcap_logits(e, logits, softcap)
-    full_bias = e.op("Expand", bias, e.cat(e.dims(query, 0, 2), e.ints(1), num_keys))
-    grouped_bias = e.reshape(full_bias, e.dims(key, 0, 2), e.ints(-1), num_keys)
-    bias_index = e.op("Expand", e.unsqueeze(tokens, 2), e.cat(e.dims(grouped_query, 0, 3), e.dims(tokens, 2, 3)))
-    logits = e.op("Add", logits, e.cast(e.op("GatherElements", grouped_bias, bias_index, axis=3), FLOAT))
-    valid_rows = e.op("Expand", e.unsqueeze(e.op("Expand", valid, e.cat(e.dims(query, 0, 1), num_keys)), 1),
-                      e.cat(e.dims(key, 0, 2), num_keys))
-    allowed = e.op("And", in_range, e.op("GatherElements", valid_rows, tokens, axis=2))
+    logits = e.op("Add", logits, e.cast(selected_bias(e, bias, query, key, tokens), FLOAT))
+    batch_start = e.op("Mul", e.reshape(e.arange(e.dims(query, 0, 1)), e.ints(-1, 1, 1)), num_keys)  # [B, 1, 1]
+    flat_valid = e.reshape(e.op("Expand", valid, e.cat(e.dims(query, 0, 1), num_keys)), e.ints(-1))
+    allowed = e.op("And", in_range, e.op("Gather", flat_valid, e.op("Add", tokens, batch_start), axis=0))
     logits = e.where(e.unsqueeze(allowed, 2), logits, e.const(-np.inf, np.float32))
     out = e.op("MatMul", softmax_or_zero(e, logits), values)  # [B, Hkv, G, Dv]
     return e.op("CastLike", e.reshape(out, e.dims(query, 0, 3), e.ints(-1)), query)

@@ -11,21 +11,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 
-from gsa_compile.onnx import DOMAIN, OP_SPECS, OPSET_VERSION, attach_functions
-
-_ELEM = {
-    np.dtype(np.float32): onnx.TensorProto.FLOAT,
-    np.dtype(np.float64): onnx.TensorProto.DOUBLE,
-    np.dtype(np.uint8): onnx.TensorProto.UINT8,
-    np.dtype(np.int32): onnx.TensorProto.INT32,
-    np.dtype(np.int64): onnx.TensorProto.INT64,
-    np.dtype(np.bool_): onnx.TensorProto.BOOL,
-}
-
-# The IR version torch.onnx writes; newer onnx releases default to IRs older onnxruntimes refuse.
-IR_VERSION = 10
-
-_OUTPUT_TYPES = {"T": onnx.TensorProto.FLOAT, "tensor(int32)": onnx.TensorProto.INT32, "tensor(uint8)": onnx.TensorProto.UINT8}
+from gsa_compile.onnx.export import IR_VERSION, node_model  # noqa: F401  (IR_VERSION: for the tests' own models)
 
 
 def site_attrs(*, chunk_size, top_k_ratio=None, budget_tokens=None, must_select=(0, -2, -1), scale,
@@ -48,25 +34,7 @@ class GSANode:
     """A one-node model of gsa.<op> whose inputs have fully dynamic dims, checked and loaded once."""
 
     def __init__(self, op: str, example: dict, **attrs):
-        spec = OP_SPECS[op]
-        node = helper.make_node(op, [p.name for p in spec.inputs], [p.name for p in spec.outputs], domain=DOMAIN)
-        for name, value in attrs.items():
-            node.attribute.append(value if isinstance(value, onnx.AttributeProto) else helper.make_attribute(name, value))
-        inputs = [
-            helper.make_tensor_value_info(p.name, _ELEM[example[p.name].dtype], [None] * example[p.name].ndim)
-            for p in spec.inputs
-        ]
-        outputs = [
-            helper.make_tensor_value_info(p.name, _OUTPUT_TYPES[p.type_str], [None] * (3 if p.name == "blocks" else 4))
-            for p in spec.outputs
-        ]
-        graph = helper.make_graph([node], f"one_{op}", inputs, outputs)
-        model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, OPSET_VERSION)],
-            ir_version=IR_VERSION,
-        )
-        self.model = attach_functions(model)
-        onnx.checker.check_model(self.model, full_check=True)
+        self.model = node_model(op, {name: _numpy(value) for name, value in example.items()}, **attrs)
         self.session = ort.InferenceSession(self.model.SerializeToString(), providers=["CPUExecutionProvider"])
 
     def __call__(self, **inputs) -> list[np.ndarray]:

@@ -1,5 +1,6 @@
-"""A tiny random-weight Qwen3 exported as a GSA decode step: a 16-step greedy loop in
-onnxruntime (prefill included, present fed back as past) gives the PyTorch GSA model's tokens."""
+"""A tiny random-weight Qwen3 exported as a GSA decode step with a dense, a selecting and a
+reusing layer: names, a 16-step greedy loop in onnxruntime (prefill included, present fed back
+as past) against the PyTorch GSA model, codes encoded once, and what is refused."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def exported(tmp_path_factory):
         model, chunk_size=4, top_k_ratio_per_layer=[1, 0.4, 0.4], top_k_index_reuse=[-1, -1, 1],
         must_select_blocks=[0, -1], cpu_seq_len_threshold=8,
     )
-    step = DecodeStep(model, gsa_config)
+    step = DecodeStep(copy.deepcopy(model), gsa_config)
     path = tmp_path_factory.mktemp("decode") / "qwen3_step.onnx"
     proto = export_decode_step(step, str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -77,6 +78,19 @@ def test_greedy_decode_in_onnxruntime_gets_the_pytorch_gsa_models_tokens(exporte
     np.testing.assert_array_equal(onnx_tokens, generated[:, PROMPT:].numpy())
 
 
+def test_a_session_with_the_cpu_kernel_decodes_the_same_tokens(exported):
+    pytest.importorskip("onnxruntime_extensions", reason="the custom kernels need gsa-compile[onnx-fast]")
+    from gsa_compile.onnx import runtime
+
+    _, _, step, proto, session = exported
+    ids, mask = _prompt()
+    before = runtime.calls["SelectTopBlocks"]
+    fast = greedy_decode(onnx_runner(gsa_compile.onnx.session(proto.SerializeToString()), step), step, ids, NEW_TOKENS, attention_mask=mask)
+    assert runtime.calls["SelectTopBlocks"] > before
+    np.testing.assert_array_equal(fast, greedy_decode(onnx_runner(session, step), step, ids, NEW_TOKENS,
+                                                      attention_mask=mask))
+
+
 def test_a_decode_step_encodes_only_the_new_keys(exported):
     _, _, step, _, session = exported
     ids, mask = _prompt(pad=0)
@@ -96,31 +110,44 @@ def test_a_decode_step_encodes_only_the_new_keys(exported):
     np.testing.assert_allclose(outputs["logits"], expected["logits"], atol=1e-4)
 
 
-def test_a_model_family_the_step_does_not_implement_is_refused():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_dynamic_dims_have_the_names_decoder_runtimes_use(exported):
+    _, _, _, proto, _ = exported
+    dims = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            for value in [*proto.graph.input, *proto.graph.output]}
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert dims["past_key_values.1.key"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert dims["past_key_values.1.key_codes"][:3] == ["batch_size", 2, "past_sequence_length"]
+    assert dims["present.1.key_codes"][:3] == ["batch_size", 2, "total_sequence_length"]
+    assert dims["logits"] == ["batch_size", "sequence_length", VOCAB]
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(gsa_compile.GSAError, match="model types"):
-        DecodeStep(model, gsa_compile.GSAConfig.for_model(model))
+
+def test_a_model_without_a_gsa_site_is_refused_with_the_reason(tmp_path):
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)).eval()
+    dense = gsa_compile.GSAConfig.for_model(model, top_k_ratio_per_layer=[1.0])
+    with pytest.raises(gsa_compile.GSAError, match="no GSA site"):
+        gsa_compile.export_onnx(model, (torch.zeros(2, 4, dtype=torch.long),), str(tmp_path / "x.onnx"), config=dense)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-def test_the_decode_step_of_each_family_decodes_like_the_hugging_face_gsa_route(model_type):
-    """DecodeStep reimplements the decoder layer around the model's modules: check it (eagerly,
-    the ONNX side is the Qwen3 test above) against transformers' own forward with GSA."""
-    from gsa_compile.commands.inspect import tiny_transformers_model
+def test_an_encoder_decoder_model_is_refused_naming_it():
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    torch.manual_seed(0)
-    model = tiny_transformers_model(model_type, 2)
-    model.config.sliding_window = None
-    config = gsa_compile.GSAConfig.for_model(model, chunk_size=4, top_k_ratio_per_layer=[1, 0.4],
-                                             must_select_blocks=[0, -1], cpu_seq_len_threshold=8)
-    step = DecodeStep(model, config)
-    ids, mask = _prompt()
-    step_tokens = greedy_decode(torch_runner(step), step, ids, 8, attention_mask=mask)
-    optimized = gsa_compile.optimize(copy.deepcopy(model), config)
-    with torch.no_grad():
-        generated = optimized.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                       max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert optimized.gsa_runtime.total_stats().sparse_calls > 0
-    np.testing.assert_array_equal(step_tokens, generated[:, PROMPT:].numpy())
+    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                                d_kv=16)).eval()
+    with pytest.raises(gsa_compile.GSAError, match="T5ForConditionalGeneration is an encoder-decoder"):
+        DecodeStep(model, None)
+
+
+def test_a_cache_with_more_than_keys_and_values_is_refused_naming_the_layer():
+    """A cache layer that is not a growing key/value store (recurrent state, quantized) cannot
+    travel as past/present tensors."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, QuantoQuantizedLayer
+
+    from gsa_compile.onnx.decode import cache_layouts
+
+    cache = DynamicCache()
+    cache.layers += [DynamicLayer(), QuantoQuantizedLayer.__new__(QuantoQuantizedLayer)]
+    cache.layers[0].update(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 8))
+    with pytest.raises(gsa_compile.GSAError, match="MyLM: cache layer 1 is a QuantoQuantizedLayer"):
+        cache_layouts(cache, "MyLM")
