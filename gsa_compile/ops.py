@@ -183,8 +183,10 @@ def _no_backward_fake(grad, size, op_name):
 
 def _refuse_backward(op_name: str):
     def backward(ctx, *grads):
-        grad = next(g for g in grads if g is not None)
-        return tuple(None if size is None else no_backward(grad, size, op_name) for size in ctx.sizes)
+        flowing = [g for g in grads if g is not None]
+        if not flowing:  # nothing reaches this op's inputs
+            return tuple(None for _ in ctx.sizes)
+        return tuple(None if size is None else no_backward(flowing[0], size, op_name) for size in ctx.sizes)
 
     return backward
 

@@ -93,7 +93,10 @@ def _with_active_state(compiled, state: CodesState, links: list):
     returned = state.returned_keys  # shared: the prefill and the decode step are two graphs
 
     def run(*args):
-        inputs = args[0] if boxed else args
+        # Callers differ in whether they hand a boxed callable its inputs as one list (torch
+        # 2.13's dynamo calls it with them spread out): read either form, pass it on as given.
+        called_boxed = len(args) == 1 and isinstance(args[0], list)
+        inputs = args[0] if called_boxed else args
         known = {}
         for site, past_index, _ in links:
             past, last = inputs[past_index], returned.get(site)
