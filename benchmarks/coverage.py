@@ -465,7 +465,8 @@ def write_markdown(path: str, results: dict, fx: Optional[dict]) -> None:
         fx_buildable = sum(count for status, count in fx_counts.items() if status not in NOT_COUNTED)
         lines += [
             f"FX route (`torch.compile(model, backend=\"gsa\")`, from benchmarks/results/coverage_fx.json): "
-            f"{fx_counts['pass']} of {fx_buildable} buildable architectures pass "
+            f"{len(fx_results)} of the {len(results)} architectures run; {fx_counts['pass']} of {fx_buildable} "
+            f"buildable ones pass "
             f"({', '.join(f'{status} {count}' for status, count in sorted(fx_counts.items()))}).",
             "",
         ]
