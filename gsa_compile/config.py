@@ -418,8 +418,9 @@ def _derive_from_transformers(obj: Any) -> Optional[dict]:
         return None
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    layers = getattr(config, "num_hidden_layers", None)
-    heads = getattr(config, "num_attention_heads", None)
+    # Encoder-decoder families decode (and cache) with their decoder's layers only.
+    layers = config_attribute(config, "decoder_layers") or config_attribute(config, "num_hidden_layers")
+    heads = config_attribute(config, "num_attention_heads")
     if layers is None or heads is None:
         raise GSAConfigError(
             f"cannot derive a GSA config from transformers config {type(config).__name__}: "
@@ -429,9 +430,9 @@ def _derive_from_transformers(obj: Any) -> Optional[dict]:
         "model_name": getattr(config, "_name_or_path", "") or config.model_type,
         "num_hidden_layers": int(layers),
     }
-    kv_lora_rank = getattr(config, "kv_lora_rank", None)
+    kv_lora_rank = config_attribute(config, "kv_lora_rank")
     if kv_lora_rank:
-        rope = int(config.qk_rope_head_dim)
+        rope = int(config_attribute(config, "qk_rope_head_dim"))
         derived.update(
             is_mla=True, kv_lora_rank=int(kv_lora_rank), qk_rope_head_dim=rope,
             head_dim=int(kv_lora_rank) + rope, hash_bits_kv_lora=_round_bits(kv_lora_rank),
@@ -439,7 +440,7 @@ def _derive_from_transformers(obj: Any) -> Optional[dict]:
         )
         derived["hash_bits"] = derived["hash_bits_kv_lora"] + derived["hash_bits_qk_rope"]
         return derived
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = config_attribute(config, "head_dim") or config.hidden_size // heads
     derived.update(head_dim=int(head_dim), hash_bits=_round_bits(int(head_dim)))
     return derived
 
@@ -478,6 +479,18 @@ def _derive_from_graph(model: Any, example_args: tuple, example_kwargs: dict) ->
         "head_dim": head_dims[-1],
         "hash_bits": _round_bits(head_dims[-1]),
     }
+
+
+def config_attribute(config: Any, name: str) -> Any:
+    """A transformers config attribute (None when missing). A config whose layers differ (e.g.
+    Gemma 4's per-layer head dims) refuses global reads of per-layer attributes: then the
+    largest value over its layers, which every layer's hash bits can be sized from."""
+    try:
+        return getattr(config, name, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        values = [getattr(layer, name, None) for layer in config.per_layer_config]
+        values = [value for value in values if value is not None]
+        return max(values) if values else None
 
 
 def _derive_from_module(module: Any) -> dict:

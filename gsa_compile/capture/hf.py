@@ -32,10 +32,13 @@ from .hf_sites import (
     SITE_ATTRIBUTE,
     GSARuntime,
     GSASite,
-    attention_modules,
+    attention_owner,
     check_layers,
+    discover,
     effective_policies,
     model_eager_function,
+    model_layer_count,
+    passes_key_selection,
     site_shape,
 )
 
@@ -44,6 +47,7 @@ logger = logging.getLogger(__name__)
 ROUTE = "hf_interface"
 # Names models use for the cache argument of forward (transformers 5.24 renamed it).
 CACHE_ARGUMENTS = ("cache", "past_key_values")
+CROSS_ATTENTION_NOTE = "cross-attention (encoder states, no decoder cache): kept dense"
 
 
 def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] = None) -> nn.Module:
@@ -54,39 +58,61 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
     The model gets `gsa_report` (a Report) and `gsa_runtime` (policies, stats)."""
     if getattr(model, "gsa_runtime", None) is not None:
         restore_transformers(model)
-    config = _resolve_config(model, config)
     model_name = type(model).__name__
-    modules = attention_modules(model)
-    if not modules:
-        raise GSAError(f"{model_name} has no attention module that calls transformers' AttentionInterface")
-    by_layer = {module.layer_idx: (path, module) for path, module in modules}
-    if len(by_layer) != len(modules):
-        raise GSAError(f"{model_name}: several attention modules share a layer_idx: {[p for p, _ in modules]}")
-    check_layers(config, {layer: module for layer, (_, module) in by_layer.items()}, model_name)
+    found = discover(model)
+    if not found.self_attention and not found.not_routed:
+        raise GSAError(f"{model_name} has no attention module (its layers are state-space or recurrent): GSA has nothing to do")
+    if not found.self_attention:
+        listed = ", ".join(found.not_routed[:3]) + (", ..." if len(found.not_routed) > 3 else "")
+        raise GSAError(
+            f"{model_name} has no self-attention module that calls transformers' AttentionInterface ({listed} "
+            f"compute attention themselves); compile it with the FX route instead: torch.compile(model, backend='gsa')"
+        )
+    by_layer = {module.layer_idx: (path, module) for path, module in found.self_attention}
+    if len(by_layer) != len(found.self_attention):
+        raise GSAError(
+            f"{model_name}: several self-attention modules share a layer_idx: {[p for p, _ in found.self_attention]}; "
+            f"a site keeps the codes of one cache layer, so each self-attention module must have its own"
+        )
+    layers = sorted(by_layer)
+    num_layers = model_layer_count(model, layers)
+    config = _resolve_config(model, config, num_layers)
+    check_layers(config, layers, num_layers, model_name)
+    if found.not_routed:
+        logger.warning(
+            "%s: attention modules %s do not call transformers' AttentionInterface; they stay as they are",
+            model_name, found.not_routed,
+        )
 
-    original = model.config._attn_implementation
+    owner = attention_owner(model)
+    original = owner.config._attn_implementation
     implementation = hf_attention.implementation_name(original)
     runtime = GSARuntime(config, original, implementation)
     runtime.forward_takes_kwargs = _takes_kwargs(model)
-    policies = effective_policies(config, {layer: module for layer, (_, module) in by_layer.items()})
+    modules = {layer: module for layer, (_, module) in by_layer.items()}
+    policies = effective_policies(config, modules, model.config)
     report = Report(route=ROUTE)
+    attached = []
     for layer, (path, module) in sorted(by_layer.items()):
         policy, note = policies[layer]
-        site = _build_site(runtime, module, layer, policy, note, original)
+        site = _build_site(runtime, module, layer, policy, note, original, model.config)
         runtime.sites[layer] = site
-        report.sites.append(Site(
-            layer=layer, pattern=ROUTE, policy=policy, module_path=path,
-            reuse_of=config.selection_source(layer) if policy == "reuse" else None,
-            gqa_groups=site.shape.query_heads // site.shape.kv_heads, note=note,
-        ))
-    for layer, (_, module) in by_layer.items():
+        attached.append((module, site))
+        report.sites.append(_report_site(site, path, config))
+    for path, module in found.cross_attention:
+        # Cross-attention reads encoder states, not the decoder's cache: its site only keeps the
+        # original function. It is no runtime site (runtime.sites is keyed by self-attention layer).
+        site = _build_site(runtime, module, module.layer_idx, "dense", CROSS_ATTENTION_NOTE, original, model.config)
+        attached.append((module, site))
+        report.sites.append(_report_site(site, path, config))
+    for module, site in attached:
         # On the module's device from the start: its hash weight and counters are read there.
         parameter = next(module.parameters(), None)
-        site = runtime.sites[layer] if parameter is None else runtime.sites[layer].to(parameter.device)
+        site = site if parameter is None else site.to(parameter.device)
         module.add_module(SITE_ATTRIBUTE, site)
 
-    model.set_attn_implementation(implementation)
-    if model.config._attn_implementation != implementation:
+    owner.set_attn_implementation(implementation)
+    if owner.config._attn_implementation != implementation:
         restore_transformers(model, runtime)
         raise GSAError(
             f"{model_name} did not accept attention implementation {implementation!r} (it does not route "
@@ -105,11 +131,12 @@ def restore_transformers(model: nn.Module, runtime: Optional[GSARuntime] = None)
     runtime = runtime or getattr(model, "gsa_runtime", None)
     if runtime is None:
         return model
-    for _, module in attention_modules(model):
+    for module in list(model.modules()):
         if isinstance(getattr(module, SITE_ATTRIBUTE, None), GSASite):
             delattr(module, SITE_ATTRIBUTE)
-    if model.config._attn_implementation != runtime.original_implementation:
-        model.set_attn_implementation(runtime.original_implementation)
+    owner = attention_owner(model)
+    if owner.config._attn_implementation != runtime.original_implementation:
+        owner.set_attn_implementation(runtime.original_implementation)
     for name in ("forward", "gsa_runtime", "gsa_report"):
         if name in model.__dict__:
             delattr(model, name)
@@ -122,13 +149,14 @@ def gsa_disabled(model: nn.Module):
     dense and GSA decoding. Plain caches stay plain; a cache that already holds codes keeps
     encoding the keys that enter it, so GSA can resume on it afterwards."""
     runtime: GSARuntime = model.gsa_runtime
-    model.set_attn_implementation(runtime.original_implementation)
+    owner = attention_owner(model)
+    owner.set_attn_implementation(runtime.original_implementation)
     runtime.enabled = False
     try:
         yield model
     finally:
         runtime.enabled = True
-        model.set_attn_implementation(runtime.implementation)
+        owner.set_attn_implementation(runtime.implementation)
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -138,7 +166,9 @@ def cache_argument(model: nn.Module) -> str:
     return next((name for name in CACHE_ARGUMENTS if name in parameters), CACHE_ARGUMENTS[-1])
 
 
-def _build_site(runtime: GSARuntime, module: nn.Module, layer: int, policy: str, note: str, original: str) -> GSASite:
+def _build_site(
+    runtime: GSARuntime, module: nn.Module, layer: int, policy: str, note: str, original: str, model_config
+) -> GSASite:
     eager = model_eager_function(module)
     if original == "eager" and eager is None:
         raise GSAError(
@@ -146,8 +176,55 @@ def _build_site(runtime: GSARuntime, module: nn.Module, layer: int, policy: str,
             f"eager_attention_forward to keep as the dense path"
         )
     dense_fn = AttentionInterface().get_interface(original, eager)
+    if passes_key_selection(type(module)):
+        dense_fn = _with_index_mask(dense_fn)
     key_builder = module.expand_kv if hasattr(module, "expand_kv") else None
-    return GSASite(runtime, layer, policy, site_shape(module), dense_fn, key_builder=key_builder, note=note)
+    shape = site_shape(module, model_config)
+    return GSASite(runtime, layer, policy, shape, dense_fn, key_builder=key_builder, note=note)
+
+
+def _report_site(site: GSASite, path: str, config: GSAConfig) -> Site:
+    return Site(
+        layer=site.layer, pattern=ROUTE, policy=site.policy, module_path=path,
+        reuse_of=config.selection_source(site.layer) if site.policy == "reuse" else None,
+        gqa_groups=site.shape.query_heads // site.shape.kv_heads, note=site.note,
+    )
+
+
+def _with_index_mask(dense_fn):
+    """The dense path of a layer with its own key selection (DSA-style indexers: DeepSeek-V3.2,
+    GLM-MoE-DSA, MiniMax-M3, ...). Under an implementation it does not know, such a model hands
+    the selection over (`indices` [B, T, topk] or `block_indices`) instead of masking the other
+    keys itself; this masks them exactly as the model does for eager and sdpa."""
+
+    def dense_with_index_mask(module, query, key, value, attention_mask, **kwargs):
+        indices = kwargs.pop("indices", None)
+        block_indices = kwargs.pop("block_indices", None)
+        if indices is not None:
+            unselected = (
+                indices.new_ones((query.shape[0], query.shape[2], key.shape[2]), dtype=torch.bool)
+                .scatter(-1, indices.long(), False)
+                .unsqueeze(1)
+            )
+            if attention_mask is None:
+                attention_mask = ~unselected
+            elif attention_mask.dtype == torch.bool:
+                attention_mask = attention_mask & ~unselected
+            else:
+                attention_mask = attention_mask.masked_fill(unselected, torch.finfo(query.dtype).min)
+        if block_indices is not None:
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                position_ids = torch.arange(key.shape[2] - query.shape[2], key.shape[2], device=query.device)
+            position_ids = (position_ids if position_ids.ndim > 1 else position_ids.unsqueeze(0)).expand(
+                query.shape[0], -1
+            )
+            attention_mask = module.indexer.build_block_mask(
+                block_indices, attention_mask, key.shape[2], query.dtype, query.device, position_ids
+            )
+        return dense_fn(module, query, key, value, attention_mask, **kwargs)
+
+    return dense_with_index_mask
 
 
 def _stepping_forward(forward):
@@ -190,9 +267,14 @@ def _takes_kwargs(model: nn.Module) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
 
 
-def _resolve_config(model: nn.Module, config: Union[GSAConfig, str, None]) -> GSAConfig:
+def _resolve_config(model: nn.Module, config: Union[GSAConfig, str, None], num_layers: int) -> GSAConfig:
+    """The config to run: as given (a name or path loaded), or derived from the model with one
+    layer entry per model layer (`num_layers`, attention or not)."""
     if config is None:
-        return GSAConfig.for_model(model)
+        derived = GSAConfig.for_model(model)
+        if derived.num_hidden_layers != num_layers:
+            derived = derived.replace(num_hidden_layers=num_layers)
+        return derived
     if isinstance(config, str):
         config = load_config(config)
     if not isinstance(config, GSAConfig):

@@ -43,7 +43,9 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ORIGINALS = ("sdpa", "eager")
 
 # Keyword arguments that change attention semantics in ways the sparse path does not implement.
-DENSE_ONLY_KWARGS = ("sliding_window", "s_aux", "sinks", "position_bias", "head_mask")
+DENSE_ONLY_KWARGS = (
+    "sliding_window", "s_aux", "sinks", "position_bias", "head_mask", "indices", "block_indices",
+)
 
 # The keyword argument that carries a forward pass's DecodeStep down to the attention calls.
 STEP_KWARG = "gsa_step"
@@ -124,6 +126,8 @@ def gsa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
         )
     step: Optional[DecodeStep] = kwargs.pop(STEP_KWARG, None) or getattr(_CURRENT, "step", None)
     reason = _call_dense_reason(site, module, query, attention_mask, dropout, kwargs, step)
+    if reason is None and site.policy != "dense" and key.shape[1] != site.shape.kv_heads:
+        reason = "kv_heads_repeated"  # e.g. JetMoE tiles its cached KV heads before attention
     plan = None
     if reason is None:
         options = site.attention_kwargs(query.device.type)

@@ -19,6 +19,7 @@ import logging
 from typing import Optional
 
 import torch
+from transformers import cache_utils
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
 from .hf_sites import GSARuntime, GSASite
@@ -112,7 +113,15 @@ PLAIN_LAYERS = {
     DynamicLayer: lambda layer: DynamicLayer(),
     StaticLayer: lambda layer: StaticLayer(max_cache_len=layer.max_cache_len),
 }
-CODES_LAYERS = {DynamicLayer: CodesDynamicLayer, StaticLayer: CodesStaticLayer}
+CODES_LAYERS = {}
+# Layers of hybrids that hold a linear-attention / SSM state beside full-attention keys
+# (Falcon-H1 runs both in one layer); their keys get codes like a plain layer's. Most specific
+# first: replacing a codes layer looks its plain class up in this order.
+for _name in ("LinearAttentionAndFullAttentionLayer", "LinearAttentionAndStaticFullAttentionLayer"):
+    _hybrid = getattr(cache_utils, _name, None)  # newer transformers only
+    if _hybrid is not None:
+        CODES_LAYERS[_hybrid] = type(f"Codes{_name}", (CodesMixin, _hybrid), {})
+CODES_LAYERS.update({DynamicLayer: CodesDynamicLayer, StaticLayer: CodesStaticLayer})
 
 
 def attach_codes(cache: Cache, runtime: GSARuntime) -> None:

@@ -9,7 +9,10 @@ function for the dense path and counters. Nothing of a single call lives on it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
+import re
 import sys
 from collections import Counter
 from typing import Callable, Optional
@@ -17,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..config import GSAConfig
+from ..config import GSAConfig, config_attribute
 from ..decode import DENSE_REASONS
 from ..errors import GSAConfigError, GSAError
 from ..hashing import layer_hash_weight
@@ -212,43 +215,180 @@ def _mark_static(t: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------- discovery
-def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) of the self-attention modules that call transformers' attention
-    interface, in model order."""
-    found = []
-    for path, module in model.named_modules():
-        if isinstance(module, GSASite) or not type(module).__name__.endswith("Attention"):
+# Attribute names under which decoder layers hold their cross-attention (BART family, Whisper,
+# BERT-style decoders); such modules attend encoder states, never the decoder's own cache.
+CROSS_ATTENTION_NAMES = ("encoder_attn", "crossattention", "cross_attn", "cross_attention")
+# What a modeling file's attention class reads to pick its attention function.
+INTERFACE_MARKERS = ("ALL_ATTENTION_FUNCTIONS", "AttentionInterface")
+
+
+@dataclasses.dataclass
+class Discovered:
+    """The attention modules of a transformers model, as the HF route sees them."""
+
+    self_attention: list  # (path, module): attend the model's own cache, keyed by layer_idx
+    cross_attention: list  # (path, module): attend encoder states; always dense
+    not_routed: list  # paths of attention modules that do not call transformers' AttentionInterface
+
+
+def calls_interface(module_class: type) -> bool:
+    """Whether the class (or a transformers base class of it) picks its attention function
+    through transformers' AttentionInterface: only such modules can be served by this route."""
+    return _calls_interface(module_class)
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_interface(module_class: type) -> bool:
+    for cls in module_class.__mro__:
+        if cls in (nn.Module, object) or not cls.__module__.startswith("transformers."):
             continue
-        if not isinstance(getattr(module, "layer_idx", None), int) or getattr(module, "is_cross_attention", False):
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
             continue
-        found.append((path, module))
+        if any(marker in source for marker in INTERFACE_MARKERS):
+            return True
+    return False
+
+
+def passes_key_selection(module_class: type) -> bool:
+    """Whether the class hands a key selection of its own (`indices=`, `block_indices=`, from
+    a DSA-style indexer, its own or the layer's before) to its attention function."""
+    return _passes_key_selection(module_class)
+
+
+@functools.lru_cache(maxsize=None)
+def _passes_key_selection(module_class: type) -> bool:
+    try:
+        source = inspect.getsource(module_class)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"\b(block_)?indices=", source) is not None
+
+
+def discover(model: nn.Module) -> Discovered:
+    """Classify the attention modules of the decoder of `model` (in model order): a multimodal
+    model's vision or audio encoders attend no cache and keep their attention."""
+    found = Discovered([], [], [])
+    for path, module in _decoder_modules(model):
+        if isinstance(module, GSASite):
+            continue
+        if not calls_interface(type(module)):
+            if type(module).__name__.endswith("Attention") and not any(
+                calls_interface(type(child)) for child in module.modules()
+            ):
+                found.not_routed.append(path)
+            continue
+        if not isinstance(getattr(module, "layer_idx", None), int):
+            continue
+        (found.cross_attention if is_cross_attention(path, module) else found.self_attention).append((path, module))
     return found
 
 
-def site_shape(module: nn.Module) -> SiteShape:
-    """Heads and key dims of the keys the attention function receives."""
-    config = module.config
-    query_heads = int(getattr(config, "num_attention_heads"))
+def _decoder(model: nn.Module) -> Optional[nn.Module]:
+    """The model's decoder (a transformers model of its own), or None: some models name their
+    output head a decoder (ModernBERT-decoder's get_decoder is its LM head)."""
+    from transformers import PreTrainedModel
+
+    try:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    except Exception:  # a model whose get_decoder needs parts it lacks
+        return None
+    return decoder if isinstance(decoder, PreTrainedModel) else None
+
+
+def _decoder_modules(model: nn.Module):
+    """(path in `model`, module) of the modules of the model's decoder (get_decoder), or of
+    the whole model when it names none."""
+    decoder = _decoder(model)
+    prefix = next((path for path, module in model.named_modules() if module is decoder), None)
+    if prefix is None:
+        return model.named_modules()
+    return decoder.named_modules(prefix=prefix)
+
+
+def attention_owner(model: nn.Module) -> nn.Module:
+    """The model whose attention implementation GSA sets: the decoder, so that a multimodal
+    model's encoders keep theirs (some accept no other, e.g. Gemma 4's audio encoder)."""
+    decoder = _decoder(model)
+    return model if decoder is None else decoder
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the self-attention modules that call transformers' attention
+    interface, in model order."""
+    return discover(model).self_attention
+
+
+def is_cross_attention(path: str, module: nn.Module) -> bool:
+    if getattr(module, "is_cross_attention", False) or "Cross" in type(module).__name__:
+        return True
+    return path.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES
+
+
+def model_config(module: nn.Module, fallback=None):
+    """The (text) config an attention module was built from, or `fallback` (the model's)."""
+    config = getattr(module, "config", None) or fallback
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _module_int(module: nn.Module, names: tuple) -> Optional[int]:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def site_shape(module: nn.Module, config=None) -> SiteShape:
+    """Heads and key dims of the keys the attention function receives. The module's own
+    attributes and key projection win over the config: they hold per-layer head dims and KV
+    heads (Gemma 4), and a decoder's heads where the config names the encoder's (Whisper)."""
+    config = model_config(module, config)
+    declared_heads = _module_int(module, ("num_heads", "num_attention_heads", "n_heads", "n_head"))
+    query_heads = declared_heads or int(config_attribute(config, "num_attention_heads"))
     if hasattr(module, "expand_kv"):
         # MLA in transformers expands latents into one key per query head.
         return SiteShape(query_heads, query_heads, int(module.qk_head_dim))
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or query_heads)
-    key_dim = getattr(module, "head_dim", None) or getattr(module, "head_size", None)
-    if key_dim is None:
-        key_dim = getattr(config, "head_dim", None) or config.hidden_size // query_heads
-    return SiteShape(query_heads, kv_heads, int(key_dim))
+    key_dim = _module_int(module, ("head_dim", "head_size", "attention_head_size"))
+    key_dim = int(key_dim or config_attribute(config, "head_dim") or config_attribute(config, "hidden_size") // query_heads)
+    kv_heads = _module_int(module, ("num_key_value_heads", "num_kv_heads", "n_kv_heads"))
+    projection = getattr(module, "k_proj", None)
+    if kv_heads is None and isinstance(projection, nn.Linear) and projection.out_features % key_dim == 0:
+        kv_heads = projection.out_features // key_dim
+    groups = _module_int(module, ("num_key_value_groups",))
+    if kv_heads is None and groups is not None:
+        kv_heads = query_heads // groups
+    if kv_heads is None and declared_heads is not None:
+        kv_heads = query_heads  # a module that counts its own heads and no KV groups: no GQA
+    kv_heads = kv_heads or int(config_attribute(config, "num_key_value_heads") or query_heads)
+    return SiteShape(query_heads, kv_heads, key_dim)
 
 
-def is_sliding(module: nn.Module) -> bool:
+def is_sliding(module: nn.Module, config=None) -> bool:
     """Whether the layer attends a sliding window (such layers stay dense: their window already
     bounds what they read, and their cache layers drop old keys)."""
+    flag = getattr(module, "is_sliding", None)
+    if isinstance(flag, bool):  # models that keep the config's window on every layer (EXAONE 4)
+        return flag and getattr(module, "sliding_window", True) is not None
     if hasattr(module, "sliding_window"):
         return module.sliding_window is not None
-    config = module.config
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
+    config = model_config(module, config)
+    layer_types = config_attribute(config, "layer_types")
+    if layer_types is not None and module.layer_idx < len(layer_types):
         return "sliding" in str(layer_types[module.layer_idx]) or "chunked" in str(layer_types[module.layer_idx])
-    return getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    windowed = config_attribute(config, "sliding_window") is not None
+    return windowed and config_attribute(config, "use_sliding_window") is not False
+
+
+def model_policy_note(module: nn.Module) -> str:
+    """Why the model's own attention semantics keep this layer dense ("" when nothing does):
+    what the sparse path does not compute exactly."""
+    if isinstance(getattr(module, "sinks", None), torch.Tensor):
+        return "attention sinks (s_aux): the sparse path does not add the sink term; kept dense"
+    if getattr(module, "indexer", None) is not None:
+        return "the model selects its keys with its own indexer (sparse attention already); kept dense"
+    return ""
 
 
 def model_eager_function(module: nn.Module) -> Optional[Callable]:
@@ -256,29 +396,50 @@ def model_eager_function(module: nn.Module) -> Optional[Callable]:
     return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
 
 
-def effective_policies(config: GSAConfig, modules: dict[int, nn.Module]) -> dict[int, tuple[str, str]]:
-    """layer -> (policy, note): the config's policy, with sliding-window layers kept dense and
-    a reuse of a layer that ended up dense turned into a layer computing its own selection."""
+def effective_policies(
+    config: GSAConfig, modules: dict[int, nn.Module], model_config=None
+) -> dict[int, tuple[str, str]]:
+    """layer -> (policy, note): the config's policy, with layers the model keeps dense
+    (sliding windows, sinks, the model's own key selection) dense, and a reuse of a layer that
+    ended up dense (or is no attention layer) turned into a layer computing its own selection."""
     result: dict[int, tuple[str, str]] = {}
     for layer in sorted(modules):
         policy, note = config.layer_policy(layer), ""
-        if policy != "dense" and is_sliding(modules[layer]):
+        model_note = model_policy_note(modules[layer])
+        if policy != "dense" and model_note:
+            policy, note = "dense", model_note
+        elif policy != "dense" and is_sliding(modules[layer], model_config):
             policy, note = "dense", "sliding-window layer: kept dense"
         elif policy == "reuse":
             source = config.selection_source(layer)
             if result.get(source, ("dense", ""))[0] != "sparse":
-                policy, note = "sparse", f"layer {source} it would reuse is dense here: computes its own selection"
+                what = "dense here" if source in modules else "not an attention layer"
+                policy, note = "sparse", f"layer {source} it would reuse is {what}: computes its own selection"
         result[layer] = (policy, note)
     return result
 
 
-def check_layers(config: GSAConfig, modules: dict[int, nn.Module], model_name: str) -> None:
-    layers = sorted(modules)
-    if layers != list(range(len(layers))):
-        raise GSAError(f"{model_name}: attention layer indices {layers} are not 0..{len(layers) - 1}")
-    if config.num_hidden_layers != len(layers):
+def model_layer_count(model: nn.Module, layers: list) -> int:
+    """How many layers the model numbers its attention modules over: its config's
+    num_hidden_layers (hybrids hold attention at some of them only), or, where attention
+    indices run past it, the highest index + 1."""
+    config = model_config(model, getattr(model, "config", None))
+    declared = None
+    if config is not None:  # encoder-decoder families: the decoder's layers hold the cache
+        declared = config_attribute(config, "decoder_layers") or config_attribute(config, "num_hidden_layers")
+    if isinstance(declared, int) and layers and max(layers) < declared:
+        return declared
+    return max(layers) + 1 if layers else 0
+
+
+def check_layers(config: GSAConfig, layers: list, num_layers: int, model_name: str) -> None:
+    """The config must cover the model's layers: one entry per layer of the model (attention or
+    not), so a layer's policy is found at its own index."""
+    if config.num_hidden_layers != num_layers:
+        attention = "all of them attention layers" if layers == list(range(num_layers)) else (
+            f"attention at layers {layers}")
         raise GSAConfigError(
             f"the GSA config has num_hidden_layers={config.num_hidden_layers} but {model_name} has "
-            f"{len(layers)} attention layers; use a config made for this model "
-            f"(GSAConfig.for_model(model)) or one with {len(layers)} layers"
+            f"{num_layers} layers ({attention}); use a config made for this model "
+            f"(GSAConfig.for_model(model)) or one with {num_layers} layers"
         )
