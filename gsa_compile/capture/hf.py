@@ -99,6 +99,11 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
         runtime.sites[layer] = site
         attached.append((module, site))
         report.sites.append(_report_site(site, path, config))
+    key_dims = {site.shape.key_dim for site in runtime.computing_sites()}
+    if len(key_dims) == 1:
+        # One key width across the model: the config must be made for it (models whose layers
+        # differ, e.g. Gemma 4, size each site's hash weights from its own keys).
+        config.check_key_dim(runtime.computing_sites()[0].layer, key_dims.pop())
     for path, module in found.cross_attention:
         # Cross-attention reads encoder states, not the decoder's cache: its site only keeps the
         # original function. It is no runtime site (runtime.sites is keyed by self-attention layer).

@@ -36,7 +36,7 @@ def test_shipped_config_name_is_loaded_and_a_model_mismatch_warned(caplog):
         optimize_transformers(model, "Qwen/Qwen3-4B")
     assert "made for another model" in caplog.text
     shipped = gsa_compile.load_config("Qwen/Qwen3-4B")
-    fitted = shipped.replace(num_hidden_layers=4, model_name="my-org/tiny-qwen3")
+    fitted = shipped.replace(num_hidden_layers=4, head_dim=16, model_name="my-org/tiny-qwen3")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         optimize_transformers(model, fitted)
@@ -44,14 +44,14 @@ def test_shipped_config_name_is_loaded_and_a_model_mismatch_warned(caplog):
 
 
 def test_sliding_window_layers_stay_dense_with_a_note():
-    model = optimize_transformers(build("gemma3"), gsa_compile.GSAConfig(num_hidden_layers=4, top_k_ratio_per_layer=[0.5] * 4, top_k_index_reuse=[-1, -1, 1, 1]))
+    model = optimize_transformers(build("gemma3"), gsa_compile.GSAConfig(num_hidden_layers=4, head_dim=16, top_k_ratio_per_layer=[0.5] * 4, top_k_index_reuse=[-1, -1, 1, 1]))
     sites = {site.layer: site for site in model.gsa_report.sites}
     assert [sites[layer].policy for layer in range(4)] == ["dense", "sparse", "dense", "reuse"]
     assert "sliding" in sites[0].note and sites[3].reuse_of == 1
 
 
 def test_reuse_of_a_layer_kept_dense_computes_its_own_selection():
-    config = gsa_compile.GSAConfig(num_hidden_layers=4, top_k_ratio_per_layer=[0.5] * 4, top_k_index_reuse=[-1, -1, 0, -1])
+    config = gsa_compile.GSAConfig(num_hidden_layers=4, head_dim=16, top_k_ratio_per_layer=[0.5] * 4, top_k_index_reuse=[-1, -1, 0, -1])
     model = optimize_transformers(build("gemma3"), config)
     site = {site.layer: site for site in model.gsa_report.sites}[2]
     assert site.policy == "dense"  # layer 2 is sliding itself
@@ -104,3 +104,8 @@ def test_unsupported_attention_implementation_is_refused():
     model.set_attn_implementation("flex_attention")
     with pytest.raises(GSAConfigError, match="flex_attention"):
         optimize_transformers(model, gsa_config(model))
+
+
+def test_a_config_for_another_key_width_is_refused():
+    with pytest.raises(gsa_compile.GSAConfigError, match="head_dim=128"):
+        optimize_transformers(build("llama"), gsa_compile.GSAConfig(num_hidden_layers=4, head_dim=128, top_k_ratio_per_layer=[0.5] * 4))
