@@ -381,11 +381,14 @@ class GSAConfig:
         inputs, it reads a transformers model or config, or a plain nn.Module's attention
         modules (nn.MultiheadAttention or modules with num_heads/head_dim).
         Keyword arguments that are GSAConfig fields override the derived values (e.g.
-        budget_tokens=2048); the others are example keyword inputs of the model."""
+        budget_tokens=2048); with example inputs, the others are example keyword inputs of the
+        model; without, they are refused as unknown config keys."""
         names = {f.name for f in dataclasses.fields(cls)}
         overrides = {name: value for name, value in kwargs.items() if name in names}
         example_kwargs = {name: value for name, value in kwargs.items() if name not in names}
-        if example_args or example_kwargs:
+        if not example_args and example_kwargs:
+            cls(**kwargs)  # names the unknown keys and the allowed ones, as the JSON path does
+        if example_args:
             derived = _derive_from_graph(model_or_config, example_args, example_kwargs)
         else:
             derived = _derive_from_transformers(model_or_config)
