@@ -1,33 +1,54 @@
 """gsa-compile: compiler passes that turn every attention of a PyTorch model into GSA
-(hash-aware top-k sparse attention, HATA) for fast long-context decoding."""
+(hash-aware top-k sparse attention, HATA) for fast long-context decoding.
 
+The public names load on first use, so that `gsa-compile --help` (which imports this package)
+answers without importing torch; the first of them imports everything, the gsa custom ops
+included."""
+
+import importlib
 import logging
-
-from . import functional, ops  # noqa: F401  (registers the gsa custom ops)
-from .config import GSAConfig, load_config, shipped_config_names
-from .errors import GSABackendUnavailable, GSAConfigError, GSAError, GSAInputError
-from .kernels import use_backend
-from .api import export, inspect, optimize  # noqa: E402  (the graph route: passes need the ops above)
-from .onnx import export_onnx  # noqa: E402  (gsa-domain ONNX export, docs/onnx.md)
-from .calibrate import calibrate  # noqa: E402  (HATA hash training, docs/accuracy.md)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "calibrate",
-    "export",
-    "export_onnx",
-    "inspect",
-    "optimize",
-    "GSAConfig",
-    "GSAConfigError",
-    "GSAError",
-    "GSAInputError",
-    "GSABackendUnavailable",
-    "functional",
-    "load_config",
-    "shipped_config_names",
-    "use_backend",
-]
+# Public name -> the submodule that defines it (None: the name is the submodule itself).
+_PUBLIC = {
+    "calibrate": ".calibrate",  # HATA hash training, docs/accuracy.md
+    "export": ".api",
+    "export_onnx": ".onnx",  # gsa-domain ONNX export, docs/onnx.md
+    "inspect": ".api",
+    "optimize": ".api",
+    "GSAConfig": ".config",
+    "GSAConfigError": ".errors",
+    "GSAError": ".errors",
+    "GSAInputError": ".errors",
+    "GSABackendUnavailable": ".errors",
+    "functional": None,
+    "ops": None,
+    "load_config": ".config",
+    "shipped_config_names": ".config",
+    "use_backend": ".kernels",
+}
+
+__all__ = [name for name in _PUBLIC if name != "ops"]
+
+
+def _load_public() -> None:
+    # The ops register the gsa custom ops, which the graph route's passes need.
+    for module in (".functional", ".ops", ".config", ".errors", ".kernels", ".api", ".onnx", ".calibrate"):
+        importlib.import_module(module, __name__)
+    for name, module in _PUBLIC.items():
+        if module is not None:
+            globals()[name] = getattr(importlib.import_module(module, __name__), name)
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _load_public()
+    return globals()[name]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

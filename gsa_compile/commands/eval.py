@@ -5,20 +5,29 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
+from . import deferred_help
 from .calibrate import calibration_samples, parse_ints
 
 
-def register(subparsers) -> None:
-    from ..accuracy.evaluate import DEFAULT_BUDGETS, RULES
+def _default(name: str) -> str:
+    """The benchmark's default budgets or rules, comma-separated."""
+    from ..accuracy import evaluate
 
+    return ",".join(str(value) for value in getattr(evaluate, name))
+
+
+def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="accuracy of sparse selection rules vs dense on synthetic long-context tasks")
     parser.add_argument("--model", default=None, help="a LlamaForCausalLM folder (default: the committed accuracy model)")
     parser.add_argument("--tasks", default="passkey,kv,needle")
     parser.add_argument("--lengths", default="2048,4096,8192", help="context lengths in tokens")
     parser.add_argument("--samples", type=int, default=20, help="samples per task and length")
-    parser.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS), help="budgets as shares of the context")
-    parser.add_argument("--rules", default=",".join(RULES), help=f"selection rules (of {', '.join(RULES)})")
+    budgets = parser.add_argument("--budgets", help="budgets as shares of the context (default %(budgets)s)")
+    rules = parser.add_argument("--rules", help="selection rules (default, and all there are: %(rules)s)")
+    deferred_help(budgets, budgets=lambda: _default("DEFAULT_BUDGETS"))
+    deferred_help(rules, rules=lambda: _default("RULES"))
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument("--must-select", default="0,-1")
     parser.add_argument("--dense-layers", default="", help="layers kept dense under every rule, e.g. 0")
@@ -72,8 +81,9 @@ def run(args) -> int:
     from ..accuracy.model import load_accuracy_model
     from ..tables import write_json
 
+    started = time.perf_counter()
     model = load_accuracy_model(args.model, device=args.device)
-    rules = [rule for rule in args.rules.split(",") if rule]
+    rules = [rule for rule in (args.rules or _default("RULES")).split(",") if rule]
     weights, source = (None, None)
     if "gsa_trained" in rules:
         weights, source = trained_weights(model, args)
@@ -81,7 +91,7 @@ def run(args) -> int:
         tasks=[task for task in args.tasks.split(",") if task],
         context_lens=parse_ints(args.lengths, "--lengths"),
         n_samples=args.samples,
-        budgets=[float(b) for b in args.budgets.split(",") if b],
+        budgets=[float(b) for b in (args.budgets or _default("DEFAULT_BUDGETS")).split(",") if b],
         rules=rules,
         chunk_size=args.chunk_size,
         must_select=parse_ints(args.must_select, "--must-select"),
@@ -96,5 +106,7 @@ def run(args) -> int:
     plot_path = args.plot or os.path.splitext(args.json)[0] + ".png"
     plot(results, plot_path)
     print(summary_table(results))
-    print(f"wrote {args.json} and {plot_path} ({results['seconds']:.0f} s)")
+    total = time.perf_counter() - started
+    calibrated = " including calibration" if source and source.get("calibrated_in_this_run") else ""
+    print(f"wrote {args.json} and {plot_path} (evaluation {results['seconds']:.0f} s; {total:.0f} s in all{calibrated})")
     return 0

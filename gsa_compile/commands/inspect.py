@@ -3,7 +3,13 @@ example), capture it with torch.compile and print every attention site and what 
 
 from __future__ import annotations
 
-from ..capture.fx_examples import EXAMPLES
+from . import deferred_help
+
+
+def _examples() -> tuple:
+    from ..capture.fx_examples import EXAMPLES
+
+    return EXAMPLES
 
 
 def register(subparsers) -> None:
@@ -11,8 +17,9 @@ def register(subparsers) -> None:
         "inspect", help="list the attention sites the FX route finds in a model, with their GSA policy",
         description="Builds the model with random weights (no download) and runs it once on example inputs.",
     )
-    parser.add_argument("model", help=f"a transformers model type (llama, qwen3, gpt2, ...) or a built-in example: "
-                                      f"{', '.join(EXAMPLES)}")
+    model = parser.add_argument("model", help="a transformers model type (llama, qwen3, gpt2, ...) or a built-in "
+                                              "example: %(examples)s")
+    deferred_help(model, examples=lambda: ", ".join(_examples()))
     parser.add_argument("--layers", type=int, default=4, help="number of layers (default 4)")
     parser.add_argument("--seq-len", type=int, default=16, help="tokens of the example input (default 16)")
     parser.add_argument("--config", help="GSA config: shipped model name or JSON path (default: derived)")
@@ -36,7 +43,7 @@ def run(args) -> int:
     from ..api import inspect
     from ..capture.fx_examples import build_example
 
-    if args.model in EXAMPLES:
+    if args.model in _examples():
         model, example = build_example(args.model, layers=args.layers)
         kwargs = {}
     else:
