@@ -1,6 +1,6 @@
 """CPU benchmark of one GSA decode attention vs dense SDPA (enable_gqa), side by side.
 
-    python benchmarks/cpu_op.py                      # the issue's shape: B=1, 32/8 heads, d=128, fp32
+    python benchmarks/cpu_op.py                      # default shape: B=1, 32/8 heads, d=128, fp32
     python benchmarks/cpu_op.py --keys 8192 32768 --out out/cpu_op
 
 GSA is timed with codes already cached (score + select + attend), as in decoding. Each

@@ -20,7 +20,7 @@ model = LlamaForCausalLM(LlamaConfig(
     num_attention_heads=8, num_key_value_heads=2, eos_token_id=None,
 )).eval()
 
-# The seed's policy for 6 layers (first 2 and last 3 dense), 64-token blocks, 256-token budget;
+# The default policy for 6 layers (first 2 and last 3 dense), 64-token blocks, 256-token budget;
 # thresholds 0 so this short prompt already decodes sparse on the CPU.
 config = gsa_compile.GSAConfig.for_model(
     model, chunk_size=64, budget_tokens=256, cpu_seq_len_threshold=0, cpu_concurrency_threshold=0,

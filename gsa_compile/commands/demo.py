@@ -1,12 +1,14 @@
-"""`gsa-compile demo`: GSA on a transformers model, end to end, on the CPU, with no download.
+"""`gsa-compile demo`: dense vs GSA decoding through `generate`, on a built-in model, no download.
 
-A small Llama-shaped model with random weights reads a long random prompt once (the prefill
-is dense in both modes, so it is shared), then decodes greedily twice from that same cache:
-with the original dense attention and with GSA. It prints the rewrite table, the time per
-decode token, the attention bytes each decode token reads (dense: all of K and V; GSA: the
-codes plus the selected blocks of the selecting layers, all of K and V of the dense ones) and
-how many tokens agree: position by position between the two generated sequences, and step by
-step when GSA is fed the dense sequence (so one early difference does not decide the rest).
+A small Llama-shaped model with random weights is copied; the copy goes through
+`gsa_compile.optimize` with the default config (a token budget set). Both generate greedily from
+the same long random prompt with a static cache (each new key written in place; a dynamic cache
+copies the whole cache every step, which would cost both modes more than attention). Prefill is
+dense in both. It prints the rewrite table, the time per decode token, the attention bytes each
+decode token reads (dense: all of K and V; GSA: the codes and the selected blocks of the
+selecting layers, all of K and V of the dense ones) and how many generated tokens agree.
+
+On a CUDA machine it runs on the GPU in bfloat16, otherwise on the CPU in float32.
 """
 
 from __future__ import annotations
@@ -20,36 +22,47 @@ from ..tables import write_json
 
 logger = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 2048
+# Prompt lengths of the two short trial forwards that time this machine before the demo starts.
+PROBE_TOKENS = (512, 1024)
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="GSA vs dense decoding on a built-in random-weight Llama-shaped model (CPU, no download)"
+        "demo", help="dense vs GSA generate() on a built-in random-weight Llama-shaped model (no download)"
     )
     parser.add_argument("--prompt-tokens", type=int, default=16384, help="prompt length (default 16384)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate each way (default 32)")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    parser.add_argument("--budget-tokens", type=int, default=2048, help="GSA token budget per selecting layer (default 2048)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a machine other "
-                        "processes keep busy, 1 gives stable timings: small multi-threaded ops wait at thread barriers")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4: layer 0 dense, 1-3 GSA)")
+    parser.add_argument("--budget-tokens", type=int, default=1024,
+                        help="GSA token budget per selecting layer (default 1024)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the CPU decode steps, both modes (default 1: a batch-1 decode step "
+                             "is a chain of small ops, and split over threads each waits at a barrier, the longer "
+                             "when other processes share the cores); the prefill uses all of torch's threads")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run (default auto: cuda if available, else cpu)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    import torch
+
     from ..errors import GSAConfigError
 
     for name in ("prompt_tokens", "new_tokens", "layers", "budget_tokens"):
         if getattr(args, name) < 1:
             raise GSAConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise GSAConfigError(f"--threads must be a positive integer, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    result = run_demo(args.prompt_tokens, args.new_tokens, args.layers, args.budget_tokens)
+    if args.new_tokens < 2:
+        raise GSAConfigError(f"--new-tokens must be at least 2 (the first token comes from the prefill), got {args.new_tokens}")
+    if args.threads < 1:
+        raise GSAConfigError(f"--threads must be a positive integer, got {args.threads}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise GSAConfigError("--device cuda: torch sees no CUDA device (use --device cpu or auto)")
+    result = run_demo(args.prompt_tokens, args.new_tokens, args.layers, args.budget_tokens, device, args.threads)
     print(result["report"])
     print()
     print(format_results(result))
@@ -58,57 +71,61 @@ def run(args) -> int:
     return 0
 
 
-def demo_model(layers: int, seed: int = 0):
-    """Llama-shaped: 8 query heads, 4 KV heads (GQA 2), head dim 128 as in Llama-3 attention,
-    a narrow residual stream (512) so the decode step is dominated by attention, random weights."""
+def demo_model(layers: int, device: str = "cpu", seed: int = 0):
+    """Llama-shaped: 16 query heads, 4 KV heads (GQA 4 as in Llama-3-8B), head dim 128, a narrow
+    residual stream (256) so that attention dominates a decode step, random weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=128, max_position_embeddings=1 << 20,
+        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=4, head_dim=128, max_position_embeddings=1 << 20,
         bos_token_id=1, eos_token_id=None, pad_token_id=0,
     )
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    return model.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
 
 
-def run_demo(prompt_tokens: int, new_tokens: int, layers: int, budget_tokens: int, seed: int = 0) -> dict:
+def run_demo(prompt_tokens: int, new_tokens: int, layers: int, budget_tokens: int, device: str = "cpu",
+             decode_threads: int = 1, seed: int = 0) -> dict:
     import torch
-    from tqdm.auto import tqdm
-    from transformers import StaticCache
 
-    from ..capture.hf import gsa_disabled, optimize_transformers
-    from ..config import GSAConfig
+    import gsa_compile
 
-    model = demo_model(layers, seed)
-    # Thresholds 0: every decode step of a selecting layer runs sparse, whatever the prompt length.
-    config = GSAConfig.for_model(model, budget_tokens=budget_tokens, cpu_seq_len_threshold=0, cpu_concurrency_threshold=0)
-    model = optimize_transformers(model, config)
+    dense = demo_model(layers, device, seed)
+    model = gsa_compile.optimize(copy.deepcopy(dense), gsa_compile.GSAConfig.for_model(dense, budget_tokens=budget_tokens))
     runtime = model.gsa_runtime
-    prompt = torch.randint(3, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+    prompt = torch.randint(3, dense.config.vocab_size, (1, prompt_tokens),
+                           generator=torch.Generator().manual_seed(seed)).to(device)
 
-    # A static cache writes each new key in place; a dynamic one copies the whole cache every
-    # step (torch.cat), which would cost both modes more than attention itself.
-    gsa_cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + new_tokens)
-    with torch.no_grad():
-        for start in tqdm(range(0, prompt_tokens, PREFILL_CHUNK), desc="prefill", unit="chunk"):
-            logits = _forward(model, prompt[:, start:start + PREFILL_CHUNK], gsa_cache)
-    dense_cache = copy.deepcopy(gsa_cache)
+    if device != "cpu":
+        decode_threads = torch.get_num_threads()  # the host threads only launch kernels
+    estimate = _estimate_seconds(dense, prompt_tokens, new_tokens)
+    print(f"dense and GSA each prefill {prompt_tokens} tokens and decode {new_tokens}; "
+          f"expected time: about {estimate:.0f} s (from two short trial forwards on this machine)", flush=True)
 
-    with gsa_disabled(model):
-        dense_tokens, dense_seconds = _greedy(model, dense_cache, logits, new_tokens, "dense decode")
-    forced_cache = copy.deepcopy(gsa_cache)
+    started = time.perf_counter()
+    dense_tokens, dense_seconds = _generate(dense, prompt, new_tokens, "dense", decode_threads)
+    # Byte counters cost a device sync per call: on the GPU they get a run of their own.
     runtime.reset_stats()
-    runtime.collect_stats = True
+    runtime.collect_stats = device == "cpu"
     try:
-        gsa_tokens, gsa_seconds = _greedy(model, gsa_cache, logits, new_tokens, "GSA decode")
+        gsa_tokens, gsa_seconds = _generate(model, prompt, new_tokens, "GSA", decode_threads)
     finally:
         runtime.collect_stats = False
+    decode_calls = new_tokens - 1
+    if device != "cpu":
+        runtime.reset_stats()
+        runtime.collect_stats = True
+        try:
+            _generate(model, prompt, 2, "GSA (bytes read)", decode_threads)
+        finally:
+            runtime.collect_stats = False
+        decode_calls = 1
     stats = runtime.total_stats()
-    forced_tokens, _ = _greedy(model, forced_cache, logits, new_tokens, "GSA on the dense history", dense_tokens)
+    elapsed = time.perf_counter() - started
 
-    decode_calls = max(new_tokens - 1, 1)
     agree = sum(a == b for a, b in zip(dense_tokens, gsa_tokens))
     return {
         "report": model.gsa_report.table(),
@@ -119,66 +136,118 @@ def run_demo(prompt_tokens: int, new_tokens: int, layers: int, budget_tokens: in
         "sites": model.gsa_report.counts(),
         "dense_ms_per_token": 1e3 * statistics.median(dense_seconds),
         "gsa_ms_per_token": 1e3 * statistics.median(gsa_seconds),
-        "dense_attention_bytes_per_token": _dense_bytes(model, prompt_tokens + new_tokens),
+        "dense_attention_bytes_per_token": _dense_bytes(dense, prompt_tokens + new_tokens),
         "gsa_attention_bytes_per_token": (stats.code_bytes + stats.sparse_kv_bytes + stats.dense_kv_bytes) / decode_calls,
         "sparse_attention_calls": stats.sparse_calls,
         "tokens_agreeing": agree,
         "first_disagreement": next((i for i, (a, b) in enumerate(zip(dense_tokens, gsa_tokens)) if a != b), None),
-        "next_token_agreeing_on_dense_history": sum(a == b for a, b in zip(dense_tokens, forced_tokens)),
         "dense_tokens": dense_tokens,
         "gsa_tokens": gsa_tokens,
-        "device": "cpu",
-        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dtype": str(dense.dtype).removeprefix("torch."),
+        "prefill_threads": torch.get_num_threads(),
+        "decode_threads": decode_threads,
+        "expected_seconds": estimate,
+        "seconds": elapsed,
     }
 
 
 def format_results(result: dict) -> str:
     from ..tables import format_table
 
+    dense_ms, gsa_ms = result["dense_ms_per_token"], result["gsa_ms_per_token"]
     dense_bytes, gsa_bytes = result["dense_attention_bytes_per_token"], result["gsa_attention_bytes_per_token"]
     rows = [
         ("", "dense", "GSA", "dense / GSA"),
-        ("decode ms / token (median)", f"{result['dense_ms_per_token']:.2f}", f"{result['gsa_ms_per_token']:.2f}",
-         f"{result['dense_ms_per_token'] / result['gsa_ms_per_token']:.2f}x"),
+        ("decode ms / token (median)", f"{dense_ms:.2f}", f"{gsa_ms:.2f}", f"{dense_ms / gsa_ms:.2f}x"),
+        ("decode tokens / s", f"{1e3 / dense_ms:.1f}", f"{1e3 / gsa_ms:.1f}", f"{dense_ms / gsa_ms:.2f}x"),
         ("attention MB read / token", f"{dense_bytes / 1e6:.2f}", f"{gsa_bytes / 1e6:.2f}", f"{dense_bytes / gsa_bytes:.2f}x"),
     ]
-    lines = [format_table(rows)]
     first = result["first_disagreement"]
-    lines.append(
+    where = "CPU" if result["device"] == "cpu" else result["device"]
+    return "\n".join([
+        format_table(rows),
         f"generated tokens agreeing: {result['tokens_agreeing']}/{result['new_tokens']}"
-        + ("" if first is None else f" (first difference at token {first})")
-        + f"; GSA's next token on the dense history: {result['next_token_agreeing_on_dense_history']}"
-        f"/{result['new_tokens']} agree"
-    )
-    lines.append(
+        + ("" if first is None else f" (first difference at token {first})"),
         f"{result['prompt_tokens']}-token prompt, {result['layers']} layers, budget {result['budget_tokens']} tokens, "
-        f"{result['sparse_attention_calls']} sparse attention calls, CPU with {result['threads']} threads"
-    )
-    return "\n".join(lines)
+        f"{result['sparse_attention_calls']} sparse attention calls, {where} ({result['dtype']}, "
+        f"decode on {result['decode_threads']} of {result['prefill_threads']} threads), {result['seconds']:.0f} s (expected {result['expected_seconds']:.0f} s)",
+    ])
 
 
-def _forward(model, tokens, cache):
-    """Logits of the last position after feeding `tokens` into `cache`."""
-    from ..capture.hf import cache_argument
+class _Progress:
+    """A generate() streamer: a progress bar, the time each new token arrives, and the switch to
+    the decode threads once the prefill is done. generate hands it the prompt first, then every
+    token as soon as it is chosen (the first one ends the prefill)."""
 
-    return model(tokens, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache}).logits[:, -1]
+    def __init__(self, bar, decode_threads: int):
+        self.bar = bar
+        self.decode_threads = decode_threads
+        self.stamps: list[float] = []
+        self.tokens: list[int] = []
+
+    def put(self, value) -> None:
+        import torch
+
+        self.stamps.append(time.perf_counter())
+        if len(self.stamps) == 1:  # the prompt: the prefill starts now
+            return
+        if len(self.stamps) == 2:
+            torch.set_num_threads(self.decode_threads)
+            self.bar.set_postfix_str("decoding")
+        self.tokens.extend(int(token) for token in value.reshape(-1))
+        self.bar.update(1)
+
+    def end(self) -> None:
+        pass
 
 
-def _greedy(model, cache, logits, steps: int, label: str, feed=None):
-    """Greedy tokens from the prefill's logits, and the seconds each decode forward took. With
-    `feed`, step i feeds feed[i] instead of the token chosen at step i (teacher forcing)."""
+def _generate(model, prompt, new_tokens: int, label: str, decode_threads: int):
+    """Greedy tokens of one generate() call with a static cache, and the seconds of each decode
+    step (the prefill, which yields the first token, not among them)."""
     import torch
     from tqdm.auto import tqdm
 
-    tokens, seconds = [int(logits.argmax(-1))], []
-    with torch.no_grad():
-        for step in tqdm(range(steps - 1), desc=label, unit="tok"):
-            fed = tokens[-1] if feed is None else feed[step]
+    threads = torch.get_num_threads()
+    with tqdm(total=new_tokens, desc=label, unit="tok", postfix="prefill") as bar:
+        progress = _Progress(bar, decode_threads)
+        try:
+            with torch.no_grad():
+                model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", streamer=progress,
+                    pad_token_id=0,
+                )
+        finally:
+            torch.set_num_threads(threads)
+    steps = [later - earlier for earlier, later in zip(progress.stamps[1:], progress.stamps[2:])]
+    return progress.tokens, steps
+
+
+def _estimate_seconds(model, prompt_tokens: int, new_tokens: int) -> float:
+    """Seconds the demo will take, from two short dense forwards: their times fit a + b n + c n^2
+    with a from the model's per-forward cost (a one-token forward); a prefill of n tokens costs
+    about that, a decode step over n keys about a + b + 2 c n, GSA's no more than dense."""
+    import torch
+
+    def forward_seconds(tokens: int) -> float:
+        ids = torch.randint(3, model.config.vocab_size, (1, tokens), device=model.device)
+        with torch.no_grad():
             start = time.perf_counter()
-            logits = _forward(model, torch.tensor([[fed]]), cache)
-            seconds.append(time.perf_counter() - start)
-            tokens.append(int(logits.argmax(-1)))
-    return tokens, seconds or [float("nan")]
+            model(ids, logits_to_keep=1)
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+    forward_seconds(PROBE_TOKENS[0])  # warm-up
+    step = forward_seconds(1)
+    (n1, n2) = PROBE_TOKENS
+    t1, t2 = (max(forward_seconds(n) - step, 0.0) for n in PROBE_TOKENS)
+    quadratic = max((t2 / n2 - t1 / n1) / (n2 - n1), 0.0)
+    linear = max(t1 / n1 - quadratic * n1, 0.0)
+    prefill = step + linear * prompt_tokens + quadratic * prompt_tokens ** 2
+    decode = step + linear + 2 * quadratic * (prompt_tokens + new_tokens)
+    return 2 * (prefill + new_tokens * decode)
 
 
 def _dense_bytes(model, cache_length: int) -> int:

@@ -18,6 +18,7 @@ import torch
 from .. import register_kernel
 from ..common import block_token_index, plane_layout, plane_weights, sign_planes
 from ..reference import encode, masked_attention, select_from_similarity
+from .threads import at_most_one_thread_per_row
 
 
 def _word_view(codes: np.ndarray) -> np.ndarray:
@@ -111,5 +112,6 @@ def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sc
     return out.masked_fill_(~allowed.any(-1, keepdim=True), 0.0).reshape(batch, q_heads, 1, -1)
 
 
-register_kernel("select_blocks", "cpu", select_blocks)
-register_kernel("sparse_attention", "cpu", sparse_attention)
+register_kernel("encode", "cpu", at_most_one_thread_per_row(encode))
+register_kernel("select_blocks", "cpu", at_most_one_thread_per_row(select_blocks))
+register_kernel("sparse_attention", "cpu", at_most_one_thread_per_row(sparse_attention))
