@@ -5,8 +5,9 @@
 1. A hand-written attention block that calls gsa_compile.functional is exported with dynamic
    batch and cache length; onnxruntime's output is compared with PyTorch's.
 2. A tiny random-weight Qwen3 is exported as a decode step (past/present key, value and key
-   codes per layer) and decoded greedily for 16 tokens in onnxruntime, prefill included; the
-   tokens are compared with the Hugging Face GSA route (gsa_compile.optimize).
+   codes per layer) and decoded greedily in onnxruntime, 16 new tokens for each of 2 prompts,
+   prefill included; the tokens are compared with the Hugging Face GSA route
+   (gsa_compile.optimize).
 """
 
 from __future__ import annotations
@@ -98,9 +99,12 @@ def export_qwen3(out_dir):
     optimized = gsa_compile.optimize(copy.deepcopy(model), config)
     with torch.no_grad():
         torch_tokens = optimized.generate(torch.from_numpy(prompt), max_new_tokens=16, do_sample=False)[:, 40:]
-    print(f"   onnxruntime tokens: {onnx_tokens[0].tolist()}")
-    print(f"   PyTorch GSA tokens: {torch_tokens[0].tolist()}")
-    print(f"   agree: {int((onnx_tokens == torch_tokens.numpy()).sum())}/{onnx_tokens.size}")
+    for row in range(prompt.shape[0]):
+        print(f"   row {row} onnxruntime tokens: {onnx_tokens[row].tolist()}")
+        print(f"   row {row} PyTorch GSA tokens: {torch_tokens[row].tolist()}")
+    rows, steps = onnx_tokens.shape
+    print(f"   agree: {int((onnx_tokens == torch_tokens.numpy()).sum())}/{onnx_tokens.size} tokens "
+          f"({rows} rows x {steps} new tokens)")
 
 
 def main():
