@@ -22,8 +22,9 @@ from ..tables import write_json
 
 logger = logging.getLogger(__name__)
 
-# Prompt length of the short trial forward that times this machine before the demo starts.
-PROBE_TOKENS = 1024
+# Longest prompt of the trial forward that times this machine before the demo starts (shorter
+# ones run at a lower rate: fixed costs weigh more, which overstates the estimate).
+PROBE_TOKENS = 4096
 
 
 def register(subparsers) -> None:
@@ -250,9 +251,10 @@ def _estimate_seconds(model, prompt_tokens: int, new_tokens: int) -> float:
                 torch.cuda.synchronize()
             return time.perf_counter() - start
 
-    forward_seconds(PROBE_TOKENS)  # warm-up
+    probe = min(PROBE_TOKENS, prompt_tokens)
+    forward_seconds(min(probe, 256))  # warm-up
     step = forward_seconds(1)
-    rate = prefill_flops(PROBE_TOKENS) / max(forward_seconds(PROBE_TOKENS) - step, 1e-6)
+    rate = prefill_flops(probe) / max(forward_seconds(probe) - step, 1e-6)
     keys = prompt_tokens + new_tokens
     decode = step + (2 * weights + 4 * per_key * keys) / rate
     return 2 * (step + prefill_flops(prompt_tokens) / rate + new_tokens * decode)
