@@ -14,13 +14,10 @@ On a CUDA machine it runs on the GPU in bfloat16, otherwise on the CPU in float3
 from __future__ import annotations
 
 import copy
-import logging
 import statistics
 import time
 
 from ..tables import write_json
-
-logger = logging.getLogger(__name__)
 
 # Longest prompt of the trial forward that times this machine before the demo starts (shorter
 # ones run at a lower rate: fixed costs weigh more, which overstates the estimate).
