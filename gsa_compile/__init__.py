@@ -2,11 +2,13 @@
 (hash-aware top-k sparse attention, HATA) for fast long-context decoding.
 
 The public names load on first use, so that `gsa-compile --help` (which imports this package)
-answers without importing torch; the first of them imports everything, the gsa custom ops
-included."""
+answers without importing torch. The first public name used registers the gsa custom ops
+(gsa_compile.ops); so does importing any module that runs them."""
 
 import importlib
 import logging
+import sys
+import types
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -34,20 +36,31 @@ _PUBLIC = {
 __all__ = [name for name in _PUBLIC if name != "ops"]
 
 
-def _load_public() -> None:
-    # The ops register the gsa custom ops, which the graph route's passes need.
-    for module in (".functional", ".ops", ".config", ".errors", ".kernels", ".api", ".onnx", ".calibrate"):
-        importlib.import_module(module, __name__)
-    for name, module in _PUBLIC.items():
-        if module is not None:
-            globals()[name] = getattr(importlib.import_module(module, __name__), name)
-
-
 def __getattr__(name):
     if name not in _PUBLIC:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    _load_public()
-    return globals()[name]
+    # The gsa custom ops first (whatever uses a public name may run or load graphs with them),
+    # then only the module that defines the name: submodules ask for their siblings this way
+    # while they are being imported (`from .. import ops`), so importing more here (the capture
+    # routes) could reach a module that is half-way through its own import.
+    importlib.import_module(".ops", __name__)
+    module = importlib.import_module(_PUBLIC[name] or f".{name}", __name__)
+    value = module if _PUBLIC[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """Importing the subpackage gsa_compile.calibrate binds its name on this package; the
+    public name `calibrate` stays the function that subpackage exports."""
+
+    def __setattr__(self, name, value):
+        if name == "calibrate" and isinstance(value, types.ModuleType):
+            value = value.calibrate
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__():
