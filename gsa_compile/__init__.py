@@ -6,6 +6,7 @@ answers without importing torch. The first public name used registers the gsa cu
 (gsa_compile.ops); so does importing any module that runs them."""
 
 import importlib
+import importlib.util
 import logging
 import sys
 import types
@@ -38,7 +39,11 @@ __all__ = [name for name in _PUBLIC if name != "ops"]
 
 def __getattr__(name):
     if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        # Submodules stay attributes (gsa_compile.kernels), as when this file imported them all.
+        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        importlib.import_module(".ops", __name__)
+        return importlib.import_module(f".{name}", __name__)
     # The gsa custom ops first (whatever uses a public name may run or load graphs with them),
     # then only the module that defines the name: submodules ask for their siblings this way
     # while they are being imported (`from .. import ops`), so importing more here (the capture
