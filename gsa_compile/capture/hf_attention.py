@@ -1,9 +1,9 @@
 """The "gsa" attention function registered with transformers' AttentionInterface.
 
 Every attention module of an optimized model calls `gsa_attention_forward` instead of its
-original function. Each forward pass of the model carries one `DecodeStep` (the model's
-forward pre-hook puts it into the call's keyword arguments, which transformers passes down to
-every attention call): the call's cache, whose layers hold the codes of their keys, the decode
+original function. Each forward pass of the model carries one `DecodeStep` (the optimized
+forward puts it into the call's keyword arguments, which transformers passes down to every
+attention call; for models whose layers drop them, a per-thread current step in eager): the call's cache, whose layers hold the codes of their keys, the decode
 plan every layer of the step shares (gsa_compile.decode: mask form, dense-or-sparse decision,
 blocks per row) and the selections made in this pass (for layers that reuse them). Nothing of
 a call is kept on the model, so threads and copies of a model never see each other's calls.
