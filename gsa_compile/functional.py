@@ -18,6 +18,7 @@ from torch import Tensor
 from . import ops
 from .hashing import hash_weights
 from .kernels import common
+from .kernels.common import num_selected_blocks
 from .kernels import validation as check
 
 __all__ = [
@@ -42,22 +43,6 @@ def key_norms(key: Tensor) -> Tensor:
     """[B, Hkv, L] L2 norms of keys, for key-norm weighted scores (float32)."""
     check.check_tensor("key", key)
     return torch.linalg.vector_norm(key.float(), dim=-1)
-
-
-def num_selected_blocks(
-    num_keys: int,
-    chunk_size: int,
-    *,
-    top_k_ratio: Optional[float] = None,
-    budget_tokens: Optional[int] = None,
-    must_select: Sequence[int] = (0, -2, -1),
-) -> int:
-    """k = ceil(ratio * n_blocks) or ceil(budget_tokens / C), clamped to [#must-select, n_blocks]."""
-    if not (isinstance(num_keys, int) and not isinstance(num_keys, bool) and num_keys >= 0):
-        raise check.GSAInputError(f"num_keys must be an integer >= 0, got {num_keys!r}")
-    return common.num_selected_blocks(
-        num_keys, chunk_size, top_k_ratio=top_k_ratio, budget_tokens=budget_tokens, must_select=must_select
-    )
 
 
 def _values_readable(*tensors) -> bool:

@@ -77,7 +77,9 @@ def select(query, key, weight, *, chunk, k, must, repre, valid=None, norms=False
 
 
 def attention(query, key, value, selected, *, chunk, valid=None, scale=None, softcap=None, bias=None):
-    """Exact attention of each query head over its KV head's selected blocks' valid tokens."""
+    """float64 [B, Hq, 1, Dv]: exact attention of each query head over its KV head's selected
+    blocks' valid tokens, nothing else read; IEEE arithmetic (NaN and inf as they fall); zeros
+    where no token is attended or every attended logit is -inf."""
     batch, q_heads, _, dim = query.shape
     kv_heads, num_keys = key.shape[1], key.shape[2]
     groups = q_heads // kv_heads
@@ -95,6 +97,7 @@ def attention(query, key, value, selected, *, chunk, valid=None, scale=None, sof
                 logits = torch.tanh(logits / softcap) * softcap
             if bias is not None:
                 logits = logits + bias[b, i if bias.shape[1] > 1 else 0, 0, tokens].double()
-            weights = torch.softmax(logits, dim=0)
-            out[b, i, 0] = weights @ value[b, h, tokens].double()
+            if bool((logits == float("-inf")).all()):
+                continue  # nothing attendable: zeros, as for a row with no token
+            out[b, i, 0] = torch.softmax(logits, dim=0) @ value[b, h, tokens].double()
     return out

@@ -24,33 +24,6 @@ SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCh
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def oracle_attention(query, key, value, selected, chunk, valid=None, bias=None, softcap=None, scale=None):
-    """float64 out [B, Hq, 1, Dv]: each query head over the valid tokens of its KV head's selected
-    blocks, nothing else read; IEEE arithmetic (NaN and inf as they fall); zeros where no token
-    is attended or every attended logit is -inf."""
-    batch, q_heads, _, dim = query.shape
-    kv_heads, num_keys = key.shape[1], key.shape[2]
-    groups = q_heads // kv_heads
-    scale = dim ** -0.5 if scale is None else scale
-    out = torch.zeros(batch, q_heads, 1, value.shape[-1], dtype=torch.float64)
-    for b in range(batch):
-        for i in range(q_heads):
-            h = i // groups
-            tokens = [j for c in selected[b][h] for j in range(c * chunk, min((c + 1) * chunk, num_keys))
-                      if valid is None or bool(valid[b, j])]
-            if not tokens:
-                continue
-            logits = (key[b, h, tokens].double() @ query[b, i, 0].double()) * scale
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            if bias is not None:
-                logits = logits + bias[b, i if bias.shape[1] > 1 else 0, 0, tokens].double()
-            if bool((logits == float("-inf")).all()):
-                continue
-            out[b, i, 0] = torch.softmax(logits, dim=0) @ value[b, h, tokens].double()
-    return out
-
-
 def assert_matches(out, expected, dtype):
     out = out.double()
     # NaN and inf positions must agree exactly; finite values to the dtype's rounding.
@@ -110,8 +83,8 @@ def sparse_case(draw, dtypes):
 def _expected(case):
     selected = [[[c for c in row if c >= 0] for row in heads] for heads in case["blocks"].tolist()]
     # The oracle reads the inputs as the kernels see them (rounded to the dtype).
-    return oracle_attention(case["q"], case["k"], case["v"], selected, case["chunk"], case["valid"], case["bias"],
-                            case["softcap"])
+    return brute_force.attention(case["q"], case["k"], case["v"], selected, chunk=case["chunk"], valid=case["valid"],
+                                 bias=case["bias"], softcap=case["softcap"])
 
 
 def _op(case):
@@ -224,7 +197,7 @@ def test_gsa_attention_matches_brute_force_selection_and_attention(case):
                                   valid=valid, norms=case["norms"], shared=case["scope"] == "shared")
     got = [[[c for c in row if c >= 0] for row in heads] for heads in blocks.tolist()]
     assert got == selected
-    assert_matches(out, oracle_attention(q, k, v, selected, chunk, valid, bias), torch.float64)
+    assert_matches(out, brute_force.attention(q, k, v, selected, chunk=chunk, valid=valid, bias=bias), torch.float64)
 
 
 @settings(max_examples=25, **SETTINGS)
