@@ -187,22 +187,35 @@ def _decode_mask(attention_mask, query, num_keys: int) -> Optional[torch.Tensor]
     return common.mask_to_4d(attention_mask)[..., -1:, :num_keys]
 
 
+def plain_attention_reason(site, module, attention_mask, dropout, kwargs) -> Optional[tuple[str, str]]:
+    """(decode.DENSE_REASONS key, what exactly) when a layer's call must be the model's own
+    attention whatever its inputs' length (policy, or a feature the sparse path does not
+    implement), else None. The HF route and the ONNX export share these rules."""
+    if site.policy == "dense":
+        return "dense_layer", "dense layer"
+    if module.training and dropout:
+        return "dropout", "training with attention dropout"
+    if kwargs.get("output_attentions"):
+        return "attention_weights", "attention weights requested"
+    for name in DENSE_ONLY_KWARGS:
+        if kwargs.get(name) is not None:
+            return "unsupported_kwarg", f"{name} is not implemented by the sparse path"
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        return "mask_type", f"mask of type {type(attention_mask).__name__}"
+    return None
+
+
 def _call_dense_reason(site, module, query, attention_mask, dropout, kwargs, step) -> Optional[str]:
     """Why this call runs dense whatever the cache holds (a decode.DENSE_REASONS key), or None."""
     if site.policy == "dense":
         return "dense_layer"
     if query.shape[2] != 1:
         return "prefill"
-    if module.training and dropout:
-        return "dropout"
-    if kwargs.get("output_attentions"):
-        return "attention_weights"
-    for name in DENSE_ONLY_KWARGS:
-        if kwargs.get(name) is not None:
-            _log_once(site, name, "GSA layer %d runs dense: %s is not implemented by the sparse path", site.layer, name)
-            return "unsupported_kwarg"
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        return "mask_type"
+    plain = plain_attention_reason(site, module, attention_mask, dropout, kwargs)
+    if plain is not None:
+        if plain[0] == "unsupported_kwarg":
+            _log_once(site, plain[1], "GSA layer %d runs dense: %s", site.layer, plain[1])
+        return plain[0]
     if step is None:
         _log_once(site, "no_step", "GSA layer %d runs dense: %s does not pass keyword arguments down to its "
                   "attention, and a compiled forward cannot hand the call's GSA state over otherwise",

@@ -239,19 +239,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 def _plain_reason(site, module, attention_mask, dropout, kwargs, state) -> Optional[str]:
     """Why a layer is exported as the model's own attention (the Hugging Face route's rules for
     what the sparse path does not implement), or None for a gsa op."""
-    from ..capture.hf_attention import DENSE_ONLY_KWARGS
+    from ..capture.hf_attention import plain_attention_reason
 
-    if site.policy == "dense":
-        return "dense layer"
-    if module.training and dropout:
-        return "training with attention dropout"
-    if kwargs.get("output_attentions"):
-        return "attention weights requested"
-    for name in DENSE_ONLY_KWARGS:
-        if kwargs.get(name) is not None:
-            return f"{name} is not implemented by the sparse path"
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        return f"mask of type {type(attention_mask).__name__}"
+    plain = plain_attention_reason(site, module, attention_mask, dropout, kwargs)
+    if plain is not None:
+        return plain[1]
     if site.policy == "reuse" and site.source().layer not in state.blocks:
         return f"layer {site.source().layer} whose selection this layer reuses is plain attention"
     return None
