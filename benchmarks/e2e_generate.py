@@ -39,7 +39,7 @@ from transformers.generation.configuration_utils import CompileConfig
 
 import gsa_compile
 from gsa_compile.capture.hf import gsa_disabled
-from gsa_compile.capture.hf_cache import CodesMixin, attach_codes
+from gsa_compile.capture.hf_cache import attach_codes
 from gsa_compile.tables import format_table, write_json
 
 LLAMA_31_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -235,7 +235,7 @@ def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: floa
         results = {}
         order = [p for p in paths if p in args.paths]
 
-        def timed(path: str, warm: bool):
+        def timed(path: str, warm: bool, cache=cache):  # bound now: the cache is freed after the loop
             try:
                 with attention_path(model, path):
                     if warm:

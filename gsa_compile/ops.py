@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import decode, kernels
 from .errors import GSAError
-from .kernels import common, reference
+from .kernels import reference
 from .kernels import validation as check
 
 logger = logging.getLogger(__name__)
