@@ -22,6 +22,9 @@ the share of rows whose generated tokens equal dense_hf's; with --agreement, a r
 covering every block checks that GSA then reproduces dense (the 2048-token rows differ on random
 caches, whose attention is diffuse). Bytes floor per step: weights + the K/V every layer must
 read (the selected blocks and the codes in sparse layers), at the copy bandwidth measured here.
+"GPU busy" (CUDA): the GPU time of a step (the union of kernel intervals in one more, profiled
+run of each path) over its timed ms/step; well below 100% means the step waits on the host
+(benchmarks/decode_profile.py breaks a step down further).
 Prints a table, writes e2e.json, and a plot with --plot."""
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
@@ -181,6 +185,43 @@ def generate_seconds(model, ids, mask, cache, new_tokens: int, compiled: bool, d
     return time.perf_counter() - started, out[:, ids.shape[1]:]
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def profile_counts(run, steps: int, device: str, trace: Optional[str] = None) -> dict:
+    """Per step of `run()` under torch.profiler: GPU kernels, host-device syncs, scalar reads of
+    device data (.item(), bool(tensor)) and the GPU's busy time (the union of kernel intervals).
+    With `trace`, also writes the chrome trace there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        sync(device)
+    if trace:
+        prof.export_chrome_trace(trace)
+    kernels, syncs, reads = [], 0, 0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((event.time_range.start, event.time_range.end))
+        elif event.name in SYNC_CALLS:
+            syncs += 1
+        elif event.name == "aten::_local_scalar_dense":
+            reads += 1
+    return {"kernels_per_step": len(kernels) / steps, "syncs_per_step": syncs / steps,
+            "host_reads_per_step": reads / steps,
+            "gpu_ms_per_step": _union_us(kernels) / 1e3 / steps if device == "cuda" else None}
+
+
+def _union_us(intervals: list) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
 def sparse_calls(model) -> int:
     return model.gsa_runtime.total_stats().sparse_calls
 
@@ -232,7 +273,7 @@ def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: floa
         else:
             cache = DynamicCache(config=model.config)
         fill(model, cache, batch, prompt - 1, device, generator)
-        results = {}
+        results, busy = {}, {}
         order = [p for p in paths if p in args.paths]
 
         def timed(path: str, warm: bool, cache=cache):  # bound now: the cache is freed after the loop
@@ -244,6 +285,11 @@ def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: floa
                     calls = sparse_calls(model)
                     seconds, tokens = generate_seconds(model, ids, mask, cache, args.new_tokens, compiled, device)
                     calls = sparse_calls(model) - calls
+                    if warm and device == "cuda":  # one more run, profiled (not timed)
+                        rewind(cache, prompt - 1)
+                        busy[path] = profile_counts(
+                            lambda: generate_seconds(model, ids, mask, cache, args.new_tokens, compiled, device),
+                            args.new_tokens, device)
             except Exception as exc:  # one path failing must not lose the others' numbers
                 print(f"  {path}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
                 results[path] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -276,6 +322,9 @@ def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: floa
             row.update(ms_per_step=ms, tokens_per_s=batch * args.new_tokens / result["seconds"],
                        sparse_calls=result["sparse_calls"], floor_gb=floor / 1e9,
                        floor_share=(floor / bandwidth * 1e3) / ms if bandwidth == bandwidth else None)
+            row.update(busy.get(path, {}))
+            if row.get("gpu_ms_per_step") is not None:  # profiled run's GPU time over the timed step
+                row["gpu_busy_share"] = row["gpu_ms_per_step"] / ms
             if reference is not None:
                 row["agree"] = float((result["tokens"] == reference).all(-1).float().mean())
             if same_kernel is not None:
@@ -312,15 +361,16 @@ def agreement(model, args, device: str) -> dict:
 
 def table(rows: list[dict]) -> str:
     header = ["batch", "prompt", "path", "ms/step", "tok/s", "x strongest dense", "floor GB", "floor share",
-              "sparse calls", "agree", "agree (gsa kernel)"]
+              "GPU busy", "sparse calls", "agree", "agree (gsa kernel)"]
     lines = [header]
     for r in rows:
         if "error" in r:
-            lines.append([r["batch"], r["prompt"], r["path"], "failed", r["error"][:60], "", "", "", "", "", ""])
+            lines.append([r["batch"], r["prompt"], r["path"], "failed", r["error"][:60], "", "", "", "", "", "", ""])
             continue
         lines.append([r["batch"], r["prompt"], r["path"], f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:.1f}",
                       f"{r.get('vs_strongest_dense', float('nan')):.2f}", f"{r['floor_gb']:.1f}",
-                      "" if r.get("floor_share") is None else f"{r['floor_share']:.0%}", r["sparse_calls"],
+                      "" if r.get("floor_share") is None else f"{r['floor_share']:.0%}",
+                      "" if r.get("gpu_busy_share") is None else f"{r['gpu_busy_share']:.0%}", r["sparse_calls"],
                       "" if r.get("agree") is None else f"{r['agree']:.2f}",
                       "" if r.get("agree_gsa_kernel") is None else f"{r['agree_gsa_kernel']:.2f}"])
     return format_table(lines)

@@ -9,6 +9,10 @@ with fixed-size outputs, and runs through the one dispatcher in gsa_compile.kern
 - gsa::attention         one whole attention site: the dense-fallback rules (gsa_compile.decode),
                          then selection (or a reused selection) and sparse attention
 
+`ops.encode`, `ops.select_blocks`, `ops.sparse_attention` and `ops.attention` are what callers
+use: traced, they put the op into the graph; in plain eager inference they run its
+implementation without the dispatcher's Python layers (the same checks and kernels).
+
 The ops are inference-only: each has an autograd formula that refuses backward with a clear
 error, so a forward under grad mode works and a backward says why it cannot.
 """
@@ -28,20 +32,21 @@ from .kernels import validation as check
 
 logger = logging.getLogger(__name__)
 
-@torch.library.custom_op("gsa::encode", mutates_args=())
-def encode(x: Tensor, weight: Tensor) -> Tensor:
+def _encode(x: Tensor, weight: Tensor) -> Tensor:
     check.check_encode(x, weight)
     return kernels.dispatch("encode", x.device.type, x, weight)
 
 
-@encode.register_fake
+encode_op = torch.library.custom_op("gsa::encode", mutates_args=())(_encode)
+
+
+@encode_op.register_fake
 def _encode_fake(x, weight):
     check.check_encode(x, weight)
     return x.new_empty((*x.shape[:-1], weight.shape[-1] // 8), dtype=torch.uint8)
 
 
-@torch.library.custom_op("gsa::select_blocks", mutates_args=())
-def select_blocks(
+def _select_blocks(
     query: Tensor, key_codes: Tensor, weight: Tensor, valid: Optional[Tensor], key_norms: Optional[Tensor],
     chunk_size: int, num_blocks: int, must_select: Sequence[int], repre: str, scope: str,
     limit: Optional[Tensor] = None,
@@ -53,7 +58,10 @@ def select_blocks(
     return kernels.dispatch("select_blocks", query.device.type, *args, limit=limit)
 
 
-@select_blocks.register_fake
+select_blocks_op = torch.library.custom_op("gsa::select_blocks", mutates_args=())(_select_blocks)
+
+
+@select_blocks_op.register_fake
 def _select_blocks_fake(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope,
                         limit=None):
     check.check_select(query, key_codes, weight, valid, key_norms, chunk_size, num_blocks, must_select, repre, scope)
@@ -69,8 +77,7 @@ def _check_limit(limit: Optional[Tensor], batch: int) -> None:
         )
 
 
-@torch.library.custom_op("gsa::sparse_attention", mutates_args=())
-def sparse_attention(
+def _sparse_attention(
     query: Tensor, key: Tensor, value: Tensor, blocks: Tensor, valid: Optional[Tensor],
     attn_bias: Optional[Tensor], chunk_size: int, scale: Optional[float], softcap: Optional[float],
 ) -> Tensor:
@@ -80,7 +87,10 @@ def sparse_attention(
     ).contiguous()
 
 
-@sparse_attention.register_fake
+sparse_attention_op = torch.library.custom_op("gsa::sparse_attention", mutates_args=())(_sparse_attention)
+
+
+@sparse_attention_op.register_fake
 def _sparse_attention_fake(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap):
     check.check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size)
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
@@ -115,8 +125,7 @@ def dense_decode_attention(query, key, value, attn_mask, scale, softcap) -> Tens
 DENSE_DECODE_CHUNK = 128
 
 
-@torch.library.custom_op("gsa::attention", mutates_args=())
-def attention(
+def _attention(
     query: Tensor, key: Tensor, value: Tensor, key_codes: Tensor, weight: Tensor,
     attn_mask: Optional[Tensor], key_norms: Optional[Tensor], reuse_blocks: Optional[Tensor],
     is_causal: bool, scale: Optional[float], softcap: Optional[float], chunk_size: int,
@@ -141,6 +150,9 @@ def attention(
     return out, torch.nn.functional.pad(blocks, (0, plan.n_blocks - blocks.shape[-1]), value=-1)
 
 
+attention_op = torch.library.custom_op("gsa::attention", mutates_args=())(_attention)
+
+
 def select_or_reuse(plan: decode.DecodePlan, query, key_codes, weight, key_norms, reuse_blocks, chunk_size,
                     top_k_ratio, budget_tokens, must_select, repre, scope) -> Tensor:
     """The blocks a sparse (or device-decided) call attends: its own selection, or the reused
@@ -153,7 +165,7 @@ def select_or_reuse(plan: decode.DecodePlan, query, key_codes, weight, key_norms
                          list(must_select), repre, scope, limit)
 
 
-@attention.register_fake
+@attention_op.register_fake
 def _attention_fake(query, key, value, key_codes, weight, attn_mask, key_norms, reuse_blocks, is_causal, scale,
                     softcap, chunk_size, top_k_ratio, budget_tokens, must_select, repre, scope,
                     seq_len_threshold, concurrency_threshold):
@@ -195,6 +207,37 @@ def _input_sizes(ctx, inputs, output):
     ctx.sizes = [list(t.shape) if isinstance(t, Tensor) and t.is_floating_point() else None for t in inputs]
 
 
-for _op, _name in ((select_blocks, "gsa::select_blocks"), (sparse_attention, "gsa::sparse_attention"),
-                   (attention, "gsa::attention")):
+for _op, _name in ((select_blocks_op, "gsa::select_blocks"), (sparse_attention_op, "gsa::sparse_attention"),
+                   (attention_op, "gsa::attention")):
     _op.register_autograd(_refuse_backward(_name), setup_context=_input_sizes)
+
+
+def _plain_eager(args, kwargs) -> bool:
+    """Whether a call can skip the dispatcher: nothing traces it (no compile, no dispatch mode,
+    plain tensors, not fake or subclassed) and autograd has nothing to record."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and (type(value) is not Tensor or (grad and value.requires_grad)):
+            return False
+    return True
+
+
+def _eager_or_op(impl, op):
+    """The op as callers use it. A plain eager call runs `impl` directly: the dispatcher's
+    Python layers cost about as much host time as one decode kernel launch, and add nothing
+    there; anything traced, fake or needing autograd goes through the op."""
+
+    def call(*args, **kwargs):
+        return impl(*args, **kwargs) if _plain_eager(args, kwargs) else op(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = impl.__name__.lstrip("_")
+    call.__doc__ = impl.__doc__
+    return call
+
+
+encode = _eager_or_op(_encode, encode_op)
+select_blocks = _eager_or_op(_select_blocks, select_blocks_op)
+sparse_attention = _eager_or_op(_sparse_attention, sparse_attention_op)
+attention = _eager_or_op(_attention, attention_op)

@@ -111,3 +111,42 @@ def test_forward_under_grad_works_and_backward_says_why_not():
     assert out.requires_grad
     with pytest.raises(GSAError, match="inference-only"):
         out.sum().backward()
+
+
+def test_plain_eager_calls_skip_the_dispatcher_and_match_the_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    query, key, value, weight = site_inputs()
+    args = attention_args(query, key, value, weight)
+    with torch.no_grad():
+        direct_out, direct_blocks = ops.attention(*args)
+    via_op_out, via_op_blocks = torch.ops.gsa.attention(*args)
+    torch.testing.assert_close(direct_out, via_op_out)
+    assert torch.equal(direct_blocks, via_op_blocks)
+    with torch.profiler.profile() as prof, torch.no_grad():
+        ops.attention(*args)
+    ran = {event.name for event in prof.events()}
+    assert "gsa::sparse_attention" not in ran and "gsa::attention" not in ran
+    # Anything watching the dispatcher (a dispatch mode, fake tensors, tracing) sees the op itself.
+    seen = SeenOps()
+    with seen, torch.no_grad():
+        ops.attention(*args)
+    assert seen.names[0] == "gsa.attention.default"
+
+
+def test_eager_call_needing_autograd_goes_through_the_op():
+    query, key, value, weight = site_inputs()
+    query.requires_grad_(True)
+    out, _ = ops.attention(*attention_args(query, key, value, weight))
+    assert out.requires_grad
+    with pytest.raises(GSAError, match="inference-only"):
+        out.sum().backward()
