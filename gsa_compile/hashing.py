@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .errors import GSAConfigError
+from .errors import GSAConfigError, GSAError
 
 if TYPE_CHECKING:
     from .config import GSAConfig
@@ -51,12 +52,53 @@ def mla_hash_weights(latent: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def layer_hash_weight(config: "GSAConfig", layer: int, num_kv_heads: int, key_dim: int) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class HeadShard:
+    """The KV heads one tensor-parallel rank attends: heads [first, first + count) of the
+    model's `total`. Its hash weights are those rows of the model's weights, so every head
+    hashes (and selects) exactly as it does on one device."""
+
+    first: int
+    count: int
+    total: int
+
+    def __post_init__(self):
+        if not (0 <= self.first and 1 <= self.count and self.first + self.count <= self.total):
+            raise GSAConfigError(
+                f"a tensor-parallel shard holds KV heads [first, first + count) of the model's total; got "
+                f"first={self.first}, count={self.count}, total={self.total}"
+            )
+
+    @classmethod
+    def even(cls, rank: int, size: int, local_heads: int) -> "HeadShard":
+        """Rank `rank` of `size` holding `local_heads` consecutive heads, every rank as many
+        (how column-parallel key projections split heads)."""
+        if not (isinstance(rank, int) and isinstance(size, int) and 0 <= rank < size):
+            raise GSAConfigError(f"tensor parallelism needs 0 <= rank < size, got rank={rank!r}, size={size!r}")
+        return cls(rank * local_heads, local_heads, size * local_heads)
+
+
+def layer_hash_weight(
+    config: "GSAConfig", layer: int, num_kv_heads: int, key_dim: int, shard: Optional[HeadShard] = None
+) -> torch.Tensor:
     """The hash weight of `layer` for keys of `key_dim` dims, from the config's source.
 
     "random": seeded by hash_seed + layer. "fixed": read from the safetensors file(s) the config
     names (tensor "layers.{layer}", shape [num_kv_heads, dims, bits]). MLA configs hash the
-    last qk_rope_head_dim dims of a key separately from the rest (DESIGN 2.1)."""
+    last qk_rope_head_dim dims of a key separately from the rest (DESIGN 2.1).
+    shard: under tensor parallelism, the `num_kv_heads` heads this rank holds; the weight is
+    made (drawn or read) for all the model's heads and these rows are kept."""
+    if shard is None:
+        return _model_hash_weight(config, layer, num_kv_heads, key_dim)
+    if shard.count != num_kv_heads:
+        raise GSAError(
+            f"layer {layer}: the tensor-parallel shard holds {shard.count} KV heads but its keys have {num_kv_heads}"
+        )
+    weight = _model_hash_weight(config, layer, shard.total, key_dim)
+    return weight[shard.first: shard.first + shard.count].contiguous()
+
+
+def _model_hash_weight(config: "GSAConfig", layer: int, num_kv_heads: int, key_dim: int) -> torch.Tensor:
     seed = config.hash_seed + layer
     if not config.is_mla:
         if config.hash_weight_type == "fixed":

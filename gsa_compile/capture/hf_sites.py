@@ -23,7 +23,7 @@ from torch import nn
 from ..config import GSAConfig, config_attribute
 from ..decode import DENSE_REASONS
 from ..errors import GSAConfigError, GSAError
-from ..hashing import layer_hash_weight
+from ..hashing import HeadShard, layer_hash_weight
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,13 @@ class SiteStats:
 
 @dataclasses.dataclass
 class SiteShape:
-    """How keys look when they reach the attention function (what the hash weight is sized for)."""
+    """How keys look when they reach the attention function (what the hash weight is sized for).
+    Under tensor parallelism the heads are this rank's and `shard` says which of the model's."""
 
     query_heads: int
     kv_heads: int
     key_dim: int
+    shard: Optional[HeadShard] = None
 
 
 class GSARuntime:
@@ -141,7 +143,7 @@ class GSASite(nn.Module):
         self.register_buffer("counters", torch.zeros(len(self._host_counts), dtype=torch.int64), persistent=False)
         weight = None
         if policy == "sparse":
-            weight = layer_hash_weight(runtime.config, layer, shape.kv_heads, shape.key_dim).to(torch.float32)
+            weight = layer_hash_weight(runtime.config, layer, shape.kv_heads, shape.key_dim, shape.shard).to(torch.float32)
         self.register_buffer("hash_weight", weight, persistent=False)
         _mark_static(self.counters)
 
@@ -349,7 +351,7 @@ def site_shape(module: nn.Module, config=None) -> SiteShape:
     query_heads = declared_heads or int(config_attribute(config, "num_attention_heads"))
     if hasattr(module, "expand_kv"):
         # MLA in transformers expands latents into one key per query head.
-        return SiteShape(query_heads, query_heads, int(module.qk_head_dim))
+        return tensor_parallel_shape(module, SiteShape(query_heads, query_heads, int(module.qk_head_dim)))
     key_dim = _module_int(module, ("head_dim", "head_size", "attention_head_size"))
     key_dim = int(key_dim or config_attribute(config, "head_dim") or config_attribute(config, "hidden_size") // query_heads)
     kv_heads = _module_int(module, ("num_key_value_heads", "num_kv_heads", "n_kv_heads"))
@@ -362,7 +364,74 @@ def site_shape(module: nn.Module, config=None) -> SiteShape:
     if kv_heads is None and declared_heads is not None:
         kv_heads = query_heads  # a module that counts its own heads and no KV groups: no GQA
     kv_heads = kv_heads or int(config_attribute(config, "num_key_value_heads") or query_heads)
-    return SiteShape(query_heads, kv_heads, key_dim)
+    return tensor_parallel_shape(module, SiteShape(query_heads, kv_heads, key_dim))
+
+
+# Projections whose output rows are the heads' features, head after head (in the order
+# transformers' tensor-parallel plans shard them column-wise); MLA expands keys with kv_b_proj.
+KEY_PROJECTIONS = ("k_proj", "kv_b_proj")
+QUERY_PROJECTIONS = ("q_proj", "q_b_proj")
+
+
+def tensor_parallel_shape(module: nn.Module, shape: SiteShape) -> SiteShape:
+    """`shape` (the model's heads) as this rank sees it when tensor parallelism shards the
+    module's key projection by rows (transformers' tp_plan, torch's ColwiseParallel): the rank's
+    KV heads, read from where its shard of the projection weight lies (a DTensor), and its
+    query heads likewise. Unsharded modules keep `shape`."""
+    key_rows = _row_shard(module, KEY_PROJECTIONS)
+    if key_rows is None:
+        return shape
+    first, count, total = key_rows
+    kv_first, kv_count = _heads_of_rows(module, "KV", first, count, total, shape.kv_heads)
+    query_heads = shape.query_heads
+    query_rows = _row_shard(module, QUERY_PROJECTIONS)
+    if query_rows is not None:
+        query_heads = _heads_of_rows(module, "query", *query_rows, shape.query_heads)[1]
+    if kv_count == shape.kv_heads:
+        return dataclasses.replace(shape, query_heads=query_heads)
+    return SiteShape(query_heads, kv_count, shape.key_dim, HeadShard(kv_first, kv_count, shape.kv_heads))
+
+
+def _row_shard(module: nn.Module, names: tuple) -> Optional[tuple[int, int, int]]:
+    """(first row, rows, all rows) of this rank's part of the first of `names` whose weight is a
+    DTensor, or None when none is."""
+    for name in names:
+        weight = getattr(getattr(module, name, None), "weight", None)
+        if not _is_dtensor(weight):
+            continue
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        placements = tuple(weight.placements)
+        if not all(type(p) is Replicate or (type(p) is Shard and p.dim == 0) for p in placements):
+            raise GSAError(
+                f"{type(module).__name__}.{name}.weight is sharded as {placements}: GSA under tensor parallelism "
+                f"needs the heads' rows split in consecutive ranges (Shard(0), column-wise parallel) or replicated"
+            )
+        local, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, placements)
+        return offset[0], local[0], weight.shape[0]
+    return None
+
+
+def _is_dtensor(tensor) -> bool:
+    if tensor is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _heads_of_rows(module: nn.Module, what: str, first: int, count: int, total: int, heads: int) -> tuple[int, int]:
+    """(first head, heads) of a rank holding rows [first, first + count) of `total` rows that
+    hold `heads` heads; a rank must hold whole heads."""
+    per_head, remainder = divmod(total, heads)
+    if remainder or first % per_head or count % per_head or count == 0:
+        raise GSAError(
+            f"{type(module).__name__}: this tensor-parallel rank holds rows [{first}, {first + count}) of {total} of the "
+            f"{what} projection, which is not a whole number of its {heads} heads ({total // heads if heads else 0} rows "
+            f"each); GSA needs the number of {what} heads divisible by the tensor-parallel size"
+        )
+    return first // per_head, count // per_head
 
 
 def is_sliding(module: nn.Module, config=None) -> bool:
