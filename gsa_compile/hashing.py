@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .errors import GSAConfigError, GSAError
+from .sharding import HeadShard
 
 if TYPE_CHECKING:
     from .config import GSAConfig
@@ -50,32 +50,6 @@ def mla_hash_weights(latent: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     weight[:, :d_latent, :r_latent] = latent
     weight[:, d_latent:, r_latent:] = rope
     return weight
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadShard:
-    """The KV heads one tensor-parallel rank attends: heads [first, first + count) of the
-    model's `total`. Its hash weights are those rows of the model's weights, so every head
-    hashes (and selects) exactly as it does on one device."""
-
-    first: int
-    count: int
-    total: int
-
-    def __post_init__(self):
-        if not (0 <= self.first and 1 <= self.count and self.first + self.count <= self.total):
-            raise GSAConfigError(
-                f"a tensor-parallel shard holds KV heads [first, first + count) of the model's total; got "
-                f"first={self.first}, count={self.count}, total={self.total}"
-            )
-
-    @classmethod
-    def even(cls, rank: int, size: int, local_heads: int) -> "HeadShard":
-        """Rank `rank` of `size` holding `local_heads` consecutive heads, every rank as many
-        (how column-parallel key projections split heads)."""
-        if not (isinstance(rank, int) and isinstance(size, int) and 0 <= rank < size):
-            raise GSAConfigError(f"tensor parallelism needs 0 <= rank < size, got rank={rank!r}, size={size!r}")
-        return cls(rank * local_heads, local_heads, size * local_heads)
 
 
 def layer_hash_weight(

@@ -23,7 +23,8 @@ from torch import nn
 from ..config import GSAConfig, config_attribute
 from ..decode import DENSE_REASONS
 from ..errors import GSAConfigError, GSAError
-from ..hashing import HeadShard, layer_hash_weight
+from ..hashing import layer_hash_weight
+from ..sharding import HeadShard, row_shard
 
 logger = logging.getLogger(__name__)
 
@@ -378,137 +379,22 @@ def tensor_parallel_shape(module: nn.Module, shape: SiteShape) -> SiteShape:
     module's key projection by rows (transformers' tp_plan, torch's ColwiseParallel): the rank's
     KV heads, read from where its shard of the projection weight lies (a DTensor), and its
     query heads likewise. Unsharded modules keep `shape`."""
-    key_rows = _row_shard(module, KEY_PROJECTIONS)
-    if key_rows is None:
+    keys = _head_shard(module, KEY_PROJECTIONS, shape.kv_heads)
+    if keys is None:
         return shape
-    first, count, total = key_rows
-    kv_first, kv_count = _heads_of_rows(module, "KV", first, count, total, shape.kv_heads)
-    query_heads = shape.query_heads
-    query_rows = _row_shard(module, QUERY_PROJECTIONS)
-    if query_rows is not None:
-        query_heads = _heads_of_rows(module, "query", *query_rows, shape.query_heads)[1]
-    if kv_count == shape.kv_heads:
+    queries = _head_shard(module, QUERY_PROJECTIONS, shape.query_heads)
+    query_heads = shape.query_heads if queries is None else queries.count
+    if keys.count == keys.total:
         return dataclasses.replace(shape, query_heads=query_heads)
-    return SiteShape(query_heads, kv_count, shape.key_dim, HeadShard(kv_first, kv_count, shape.kv_heads))
+    return SiteShape(query_heads, keys.count, shape.key_dim, keys)
 
 
-def _row_shard(module: nn.Module, names: tuple) -> Optional[tuple[int, int, int]]:
-    """(first row, rows, all rows) of this rank's part of the first of `names` whose weight is a
-    DTensor, or None when none is."""
+def _head_shard(module: nn.Module, names: tuple, heads: int) -> Optional[HeadShard]:
+    """This rank's heads of the first projection of `names` whose weight is a DTensor."""
     for name in names:
-        weight = getattr(getattr(module, name, None), "weight", None)
-        if not _is_dtensor(weight):
-            continue
-        from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        placements = tuple(weight.placements)
-        if not all(type(p) is Replicate or (type(p) is Shard and p.dim == 0) for p in placements):
-            raise GSAError(
-                f"{type(module).__name__}.{name}.weight is sharded as {placements}: GSA under tensor parallelism "
-                f"needs the heads' rows split in consecutive ranges (Shard(0), column-wise parallel) or replicated"
-            )
-        local, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, placements)
-        return offset[0], local[0], weight.shape[0]
+        what = f"{type(module).__name__}.{name}.weight"
+        rows = row_shard(getattr(getattr(module, name, None), "weight", None), what)
+        if rows is not None:
+            first, count, total = rows
+            return HeadShard.from_rows(first, count, total, total // heads, what)
     return None
-
-
-def _is_dtensor(tensor) -> bool:
-    if tensor is None or not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def _heads_of_rows(module: nn.Module, what: str, first: int, count: int, total: int, heads: int) -> tuple[int, int]:
-    """(first head, heads) of a rank holding rows [first, first + count) of `total` rows that
-    hold `heads` heads; a rank must hold whole heads."""
-    per_head, remainder = divmod(total, heads)
-    if remainder or first % per_head or count % per_head or count == 0:
-        raise GSAError(
-            f"{type(module).__name__}: this tensor-parallel rank holds rows [{first}, {first + count}) of {total} of the "
-            f"{what} projection, which is not a whole number of its {heads} heads ({total // heads if heads else 0} rows "
-            f"each); GSA needs the number of {what} heads divisible by the tensor-parallel size"
-        )
-    return first // per_head, count // per_head
-
-
-def is_sliding(module: nn.Module, config=None) -> bool:
-    """Whether the layer attends a sliding window (such layers stay dense: their window already
-    bounds what they read, and their cache layers drop old keys)."""
-    flag = getattr(module, "is_sliding", None)
-    if isinstance(flag, bool):  # models that keep the config's window on every layer (EXAONE 4)
-        return flag and getattr(module, "sliding_window", True) is not None
-    if hasattr(module, "sliding_window"):
-        return module.sliding_window is not None
-    config = model_config(module, config)
-    layer_types = config_attribute(config, "layer_types")
-    if layer_types is not None and module.layer_idx < len(layer_types):
-        return "sliding" in str(layer_types[module.layer_idx]) or "chunked" in str(layer_types[module.layer_idx])
-    windowed = config_attribute(config, "sliding_window") is not None
-    return windowed and config_attribute(config, "use_sliding_window") is not False
-
-
-def model_policy_note(module: nn.Module) -> str:
-    """Why the model's own attention semantics keep this layer dense ("" when nothing does):
-    what the sparse path does not compute exactly."""
-    if isinstance(getattr(module, "sinks", None), torch.Tensor):
-        return "attention sinks (s_aux): the sparse path does not add the sink term; kept dense"
-    if getattr(module, "indexer", None) is not None:
-        return "the model selects its keys with its own indexer (sparse attention already); kept dense"
-    return ""
-
-
-def model_eager_function(module: nn.Module) -> Optional[Callable]:
-    """The `eager_attention_forward` of the module's modeling file (each model has its own)."""
-    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-
-
-def effective_policies(
-    config: GSAConfig, modules: dict[int, nn.Module], model_config=None
-) -> dict[int, tuple[str, str]]:
-    """layer -> (policy, note): the config's policy, with layers the model keeps dense
-    (sliding windows, sinks, the model's own key selection) dense, and a reuse of a layer that
-    ended up dense (or is no attention layer) turned into a layer computing its own selection."""
-    result: dict[int, tuple[str, str]] = {}
-    for layer in sorted(modules):
-        policy, note = config.layer_policy(layer), ""
-        model_note = model_policy_note(modules[layer])
-        if policy != "dense" and model_note:
-            policy, note = "dense", model_note
-        elif policy != "dense" and is_sliding(modules[layer], model_config):
-            policy, note = "dense", "sliding-window layer: kept dense"
-        elif policy == "reuse":
-            source = config.selection_source(layer)
-            if result.get(source, ("dense", ""))[0] != "sparse":
-                what = "dense here" if source in modules else "not an attention layer"
-                policy, note = "sparse", f"layer {source} it would reuse is {what}: computes its own selection"
-        result[layer] = (policy, note)
-    return result
-
-
-def model_layer_count(model: nn.Module, layers: list) -> int:
-    """How many layers the model numbers its attention modules over: its config's
-    num_hidden_layers (hybrids hold attention at some of them only), or, where attention
-    indices run past it, the highest index + 1."""
-    config = model_config(model, getattr(model, "config", None))
-    declared = None
-    if config is not None:  # encoder-decoder families: the decoder's layers hold the cache
-        declared = config_attribute(config, "decoder_layers") or config_attribute(config, "num_hidden_layers")
-    if isinstance(declared, int) and layers and max(layers) < declared:
-        return declared
-    return max(layers) + 1 if layers else 0
-
-
-def check_layers(config: GSAConfig, layers: list, num_layers: int, model_name: str) -> None:
-    """The config must cover the model's layers: one entry per layer of the model (attention or
-    not), so a layer's policy is found at its own index."""
-    if config.num_hidden_layers != num_layers:
-        attention = "all of them attention layers" if layers == list(range(num_layers)) else (
-            f"attention at layers {layers}")
-        raise GSAConfigError(
-            f"the GSA config has num_hidden_layers={config.num_hidden_layers} but {model_name} has "
-            f"{num_layers} layers ({attention}); use a config made for this model "
-            f"(GSAConfig.for_model(model)) or one with {num_layers} layers"
-        )

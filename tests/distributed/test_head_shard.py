@@ -5,7 +5,8 @@ import torch
 
 from gsa_compile import GSAConfig
 from gsa_compile.errors import GSAConfigError, GSAError
-from gsa_compile.hashing import HeadShard, layer_hash_weight, save_hash_weights
+from gsa_compile.hashing import layer_hash_weight, save_hash_weights
+from gsa_compile.sharding import HeadShard
 
 
 @pytest.mark.parametrize("size", [1, 2, 4])
