@@ -396,5 +396,88 @@ def _head_shard(module: nn.Module, names: tuple, heads: int) -> Optional[HeadSha
         rows = row_shard(getattr(getattr(module, name, None), "weight", None), what)
         if rows is not None:
             first, count, total = rows
-            return HeadShard.from_rows(first, count, total, total // heads, what)
+            shard = HeadShard.from_rows(first, count, total, max(total // heads, 1), what)
+            if shard.total != heads:
+                raise GSAError(f"{what} has {total} rows, not a whole number of rows for each of its {heads} heads")
+            return shard
     return None
+
+
+def is_sliding(module: nn.Module, config=None) -> bool:
+    """Whether the layer attends a sliding window (such layers stay dense: their window already
+    bounds what they read, and their cache layers drop old keys)."""
+    flag = getattr(module, "is_sliding", None)
+    if isinstance(flag, bool):  # models that keep the config's window on every layer (EXAONE 4)
+        return flag and getattr(module, "sliding_window", True) is not None
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window is not None
+    config = model_config(module, config)
+    layer_types = config_attribute(config, "layer_types")
+    if layer_types is not None and module.layer_idx < len(layer_types):
+        return "sliding" in str(layer_types[module.layer_idx]) or "chunked" in str(layer_types[module.layer_idx])
+    windowed = config_attribute(config, "sliding_window") is not None
+    return windowed and config_attribute(config, "use_sliding_window") is not False
+
+
+def model_policy_note(module: nn.Module) -> str:
+    """Why the model's own attention semantics keep this layer dense ("" when nothing does):
+    what the sparse path does not compute exactly."""
+    if isinstance(getattr(module, "sinks", None), torch.Tensor):
+        return "attention sinks (s_aux): the sparse path does not add the sink term; kept dense"
+    if getattr(module, "indexer", None) is not None:
+        return "the model selects its keys with its own indexer (sparse attention already); kept dense"
+    return ""
+
+
+def model_eager_function(module: nn.Module) -> Optional[Callable]:
+    """The `eager_attention_forward` of the module's modeling file (each model has its own)."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+
+
+def effective_policies(
+    config: GSAConfig, modules: dict[int, nn.Module], model_config=None
+) -> dict[int, tuple[str, str]]:
+    """layer -> (policy, note): the config's policy, with layers the model keeps dense
+    (sliding windows, sinks, the model's own key selection) dense, and a reuse of a layer that
+    ended up dense (or is no attention layer) turned into a layer computing its own selection."""
+    result: dict[int, tuple[str, str]] = {}
+    for layer in sorted(modules):
+        policy, note = config.layer_policy(layer), ""
+        model_note = model_policy_note(modules[layer])
+        if policy != "dense" and model_note:
+            policy, note = "dense", model_note
+        elif policy != "dense" and is_sliding(modules[layer], model_config):
+            policy, note = "dense", "sliding-window layer: kept dense"
+        elif policy == "reuse":
+            source = config.selection_source(layer)
+            if result.get(source, ("dense", ""))[0] != "sparse":
+                what = "dense here" if source in modules else "not an attention layer"
+                policy, note = "sparse", f"layer {source} it would reuse is {what}: computes its own selection"
+        result[layer] = (policy, note)
+    return result
+
+
+def model_layer_count(model: nn.Module, layers: list) -> int:
+    """How many layers the model numbers its attention modules over: its config's
+    num_hidden_layers (hybrids hold attention at some of them only), or, where attention
+    indices run past it, the highest index + 1."""
+    config = model_config(model, getattr(model, "config", None))
+    declared = None
+    if config is not None:  # encoder-decoder families: the decoder's layers hold the cache
+        declared = config_attribute(config, "decoder_layers") or config_attribute(config, "num_hidden_layers")
+    if isinstance(declared, int) and layers and max(layers) < declared:
+        return declared
+    return max(layers) + 1 if layers else 0
+
+
+def check_layers(config: GSAConfig, layers: list, num_layers: int, model_name: str) -> None:
+    """The config must cover the model's layers: one entry per layer of the model (attention or
+    not), so a layer's policy is found at its own index."""
+    if config.num_hidden_layers != num_layers:
+        attention = "all of them attention layers" if layers == list(range(num_layers)) else (
+            f"attention at layers {layers}")
+        raise GSAConfigError(
+            f"the GSA config has num_hidden_layers={config.num_hidden_layers} but {model_name} has "
+            f"{num_layers} layers ({attention}); use a config made for this model "
+            f"(GSAConfig.for_model(model)) or one with {num_layers} layers"
+        )
