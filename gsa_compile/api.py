@@ -83,7 +83,7 @@ class GSAHandle:
 
 
 def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "inductor",
-             mode: Optional[str] = None) -> torch.nn.Module:
+             mode: Optional[str] = None, tensor_parallel: Optional[tuple] = None) -> torch.nn.Module:
     """Make `model` use GSA attention, used exactly like before.
 
     transformers models go through the Hugging Face attention route
@@ -93,10 +93,17 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
     `mode` ("reduce-overhead": CUDA graphs, for decode steps over static caches); the same object
     is returned, with `model.gsa` (a GSAHandle: reports, codes state, release()). config:
     GSAConfig, shipped name, JSON path, or None (GSAConfig.for_model, re-derived with the number
-    of attention sites the graph holds)."""
+    of attention sites the graph holds). tensor_parallel: (rank, size) for a plain module built
+    with this rank's share of the heads (see the backend's option; transformers models and
+    DTensor-sharded modules need none)."""
     if _is_transformers_model(model):
         from .capture.hf import optimize_transformers
 
+        if tensor_parallel is not None:
+            raise GSAConfigError(
+                "tensor_parallel is for plain modules built with local heads: a transformers model's sites read "
+                "their heads from its sharded (tp_plan) weights"
+            )
         return optimize_transformers(model, config)
     if not isinstance(model, torch.nn.Module):
         raise GSAInputError(f"optimize takes an nn.Module, got {type(model).__name__}")
@@ -110,7 +117,8 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
         resolved = _derived_config(model)
     handle = GSAHandle(config=resolved, _model=weakref.ref(model))
     options = {"config": resolved, "config_derived": derived, "compiler": compiler, "reports": handle.reports,
-               "parameter_names": parameter_names(model), "codes_state": handle.codes}
+               "parameter_names": parameter_names(model), "codes_state": handle.codes,
+               "tensor_parallel": tensor_parallel}
     # torch.compile takes a mode or options, not both: the options travel with the backend.
     model.compile(backend=functools.partial(gsa_backend, options=options), mode=mode)
     model.gsa = handle

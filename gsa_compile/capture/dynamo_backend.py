@@ -19,7 +19,11 @@ it works without importing gsa_compile first. Options:
     config_derived  True when `config` was derived for the model (GSAConfig.for_model) and
                 may be re-derived with the number of sites found
     parameter_names id(parameter) -> qualified name in the model (parameter_names(model)), to
-                number layers of graphs dynamo captured below the model's root"""
+                number layers of graphs dynamo captured below the model's root
+    tensor_parallel (rank, size) when the model holds this rank's share of every attention's heads,
+                consecutive and equal (a model built with local heads); the hash weights are
+                then the rank's rows of the model's. Not needed for DTensor-sharded weights
+                (ColwiseParallel key projections), whose shard is read from the weight"""
 
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from ..passes import PassContext, run_pipeline
 from ..passes.codes_state import CodesState
 
 COMPILERS = ("inductor", "aot_eager", "eager")
-OPTIONS = ("config", "compiler", "reports", "codes_state", "config_derived", "parameter_names")
+OPTIONS = ("config", "compiler", "reports", "codes_state", "config_derived", "parameter_names", "tensor_parallel")
 
 
 def parameter_names(model: torch.nn.Module) -> dict:
@@ -53,6 +57,16 @@ def resolve_config_option(config: Any) -> Optional[GSAConfig]:
     raise GSAConfigError(
         f"config must be a GSAConfig, a shipped config name or a JSON path, got {type(config).__name__}"
     )
+
+
+def tensor_parallel_option(value: Any) -> Optional[tuple]:
+    """(rank, size) from the tensor_parallel option (None: not declared)."""
+    if value is None:
+        return None
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value) and 0 <= value[0] < value[1]):
+        raise GSAConfigError(f"tensor_parallel must be (rank, size) with integers 0 <= rank < size, got {value!r}")
+    return tuple(value)
 
 
 def gsa_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
@@ -73,6 +87,7 @@ def gsa_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = No
         state=state,
         example_inputs=list(example_inputs),
         parameter_names=options.get("parameter_names") or {},
+        tensor_parallel=tensor_parallel_option(options.get("tensor_parallel")),
     )
     gm = run_pipeline(gm, context)
     if options.get("reports") is not None:

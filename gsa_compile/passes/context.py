@@ -40,6 +40,9 @@ class PassContext:
     growing_links: list = field(default_factory=list)
     numbering: str = ""  # how layers were numbered: "module_path" or "graph_order"
     parameter_names: dict = field(default_factory=dict)  # id(parameter tensor) -> qualified name
+    # (rank, size) when the graph holds this rank's consecutive share of every attention's heads
+    # (tensor parallelism with local heads); None: read from DTensor weights, if any
+    tensor_parallel: Optional[tuple] = None
 
     def __post_init__(self):
         if self.report is None:

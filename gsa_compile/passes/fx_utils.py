@@ -6,6 +6,7 @@ torch.export graphs hold aten overloads. Matchers ask `op_name(node)` for a cano
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from typing import Any, Optional
@@ -159,6 +160,27 @@ _FRAME_ROOT = re.compile(r"^[LG]\[[^\]]*\](\[[^\]]*\])*\.?")
 def _clean_module_path(path: str) -> str:
     """The attribute path below the root module (export already records it that way)."""
     return _FRAME_ROOT.sub("", path)
+
+
+def upstream_tensors(start: fx.Node):
+    """(node, tensor) of the real tensors a dynamo graph's placeholders (their example) and
+    get_attr nodes hold upstream of `start`, nearest first: the weights a value was computed from."""
+    seen, frontier = set(), [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            if node in seen:
+                continue
+            seen.add(node)
+            found = None
+            if node.op == "placeholder":
+                found = getattr(node.meta.get("grapharg"), "example", None)
+            elif node.op == "get_attr" and node.graph.owning_module is not None:
+                found = functools.reduce(getattr, node.target.split("."), node.graph.owning_module)
+            if isinstance(found, torch.Tensor):
+                yield node, found
+            following.extend(node.all_input_nodes)
+        frontier = following
 
 
 def is_metadata_assert(node: fx.Node) -> bool:

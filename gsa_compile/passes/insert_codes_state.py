@@ -22,9 +22,10 @@ import torch
 from torch import fx
 
 from ..hashing import layer_hash_weight
+from ..sharding import HeadShard, is_dtensor, row_shard
 from .codes_state import store_static_codes
 from .context import PassContext
-from .fx_utils import arg, is_op, normalize_dim, shape, value
+from .fx_utils import arg, is_op, normalize_dim, shape, upstream_tensors, value
 
 SEQUENCE_DIM = 2
 STATIC_CODES_PREFIX = "gsa_static_"
@@ -128,12 +129,35 @@ def _cache_base(cache: fx.Node) -> fx.Node:
     return cache
 
 
-def _hash_weight(context: PassContext, layer: int, heads: int, key_dim: int, device) -> torch.Tensor:
+def _hash_weight(context: PassContext, match, heads: int, key_dim: int, device) -> torch.Tensor:
     """The layer's hash weight: the one the model's other graphs hold, or a new one."""
+    layer = match.layer
     weight = context.state.hash_weights.get(layer)
     if weight is None or weight.device != device or tuple(weight.shape[:2]) != (heads, key_dim):
-        weight = context.state.hash_weights[layer] = layer_hash_weight(context.config, layer, heads, key_dim).to(device)
+        shard = head_shard(context, match, heads)
+        weight = layer_hash_weight(context.config, layer, heads, key_dim, shard).to(device)
+        context.state.hash_weights[layer] = weight
     return weight
+
+
+def head_shard(context: PassContext, match, heads: int) -> Optional[HeadShard]:
+    """Which of the model's KV heads the site's `heads` are under tensor parallelism: as the
+    caller declared (context.tensor_parallel), or from the key projection's DTensor shard (the
+    nearest DTensor weight upstream of the keys: torch's ColwiseParallel); None when unsharded."""
+    if context.tensor_parallel is not None:
+        rank, size = context.tensor_parallel
+        return HeadShard.even(rank, size, heads)
+    for _, tensor in upstream_tensors(match.key):
+        if not is_dtensor(tensor) or all(placement.is_replicate() for placement in tensor.placements):
+            continue
+        # The nearest sharded weight: the key projection's when it is split by rows; sharded
+        # otherwise (e.g. the previous layer's row-wise output projection), the keys are whole.
+        if not all(placement.is_replicate() or placement.is_shard(0) for placement in tensor.placements):
+            return None
+        what = f"the key projection of layer {match.layer}"
+        first, rows, total = row_shard(tensor, what)
+        return HeadShard.from_rows(first, rows, total, rows // heads, what)
+    return None
 
 
 def _link_growing(gm: fx.GraphModule, context: PassContext, layer: int, past: fx.Node, key: fx.Node) -> None:
@@ -158,7 +182,7 @@ def insert_codes_state(gm: fx.GraphModule, context: PassContext) -> fx.GraphModu
         match = by_layer[layer]
         heads, key_dim = match.key_geometry()
         device = value(match.query).device
-        weight = _hash_weight(context, layer, heads, key_dim, device)
+        weight = _hash_weight(context, match, heads, key_dim, device)
         with gm.graph.inserting_before(match.output):
             context.weights[layer] = attach(gm, f"gsa_hash_weight_{layer}", weight)
         update = None if context.policies[layer] == "reuse" else cache_update_of(match, order)

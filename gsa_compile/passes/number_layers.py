@@ -19,7 +19,7 @@ from torch import fx
 
 from ..report import Unmatched
 from .context import PassContext
-from .fx_utils import module_path
+from .fx_utils import module_path, upstream_tensors
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -47,20 +47,7 @@ def _refuse_per_layer_frames(context: PassContext) -> None:
 
 def _path_from_parameters(match, names: dict) -> str:
     """Qualified name of the parameter nearest upstream of the site's query, or ''."""
-    seen, frontier = set(), [match.query]
-    while frontier:
-        following = []
-        for node in frontier:
-            if node in seen:
-                continue
-            seen.add(node)
-            grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
-            example = getattr(grapharg, "example", None) if grapharg is not None else None
-            if example is not None and id(example) in names:
-                return names[id(example)]
-            following.extend(node.all_input_nodes)
-        frontier = following
-    return ""
+    return next((names[id(tensor)] for _, tensor in upstream_tensors(match.query) if id(tensor) in names), "")
 
 
 def _captured_below_numbered_modules(gm: fx.GraphModule) -> bool:

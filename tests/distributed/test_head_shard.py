@@ -33,3 +33,22 @@ def test_bad_shards_are_refused():
         HeadShard.even(2, 2, 4)
     with pytest.raises(GSAError, match="holds 2 KV heads but its keys have 4"):
         layer_hash_weight(config, 0, 4, 16, HeadShard(0, 2, 4))
+
+
+@pytest.mark.parametrize("value", [(2, 2), (0,), (-1, 2), ("0", 2), (True, 2)])
+def test_tensor_parallel_option_is_rank_and_size(value):
+    from gsa_compile.capture.dynamo_backend import tensor_parallel_option
+
+    with pytest.raises(GSAConfigError, match="tensor_parallel must be"):
+        tensor_parallel_option(value)
+
+
+def test_transformers_models_take_no_tensor_parallel_option():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import gsa_compile
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(GSAConfigError, match="tp_plan"):
+        gsa_compile.optimize(model, tensor_parallel=(0, 2))

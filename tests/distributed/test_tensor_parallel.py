@@ -2,23 +2,16 @@
 its KV heads' rows of the model's hash weights, and TP 2 generates what TP 1 generates."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from gsa_compile.hashing import layer_hash_weight, save_hash_weights
 
-WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORLD = 2
+from .conftest import WORLD, run_ranks
+
 KV_HEADS, HEAD_DIM, LAYERS = 4, 16, 3
 
-if not (dist.is_available() and dist.is_gloo_available()):
-    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 if importlib.util.find_spec("accelerate") is None:
     pytest.skip("transformers loads a model with tp_plan only with accelerate installed", allow_module_level=True)
 
@@ -40,13 +33,7 @@ def ranks(tmp_path_factory):
     drawn = GSAConfig(num_hidden_layers=LAYERS, head_dim=HEAD_DIM, hash_bits=16, hash_seed=99)
     save_hash_weights({layer: layer_hash_weight(drawn, layer, KV_HEADS, HEAD_DIM) for layer in range(LAYERS)},
                       str(root / "weights.safetensors"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", WORKER,
-               str(root / "model"), str(root), str(root / "weights.safetensors")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
-    return [torch.load(root / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return run_ranks("tp_worker.py", root, root / "model", root / "weights.safetensors")
 
 
 CASES = ("full_budget", "small_budget", "small_budget_static", "small_budget_fixed")

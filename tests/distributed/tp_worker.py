@@ -1,6 +1,6 @@
 """One rank of the tensor-parallel tests (run by torchrun from test_tensor_parallel.py).
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tp_worker.py MODEL_DIR OUT_DIR [WEIGHTS]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tp_worker.py OUT_DIR MODEL_DIR WEIGHTS
 
 Every rank loads the saved model twice, sharded by transformers (tp_plan="auto") and whole,
 runs the same greedy generation through both with GSA for each case, and writes what the test
@@ -33,7 +33,7 @@ def generate(model, ids, mask, options):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.scores)
 
 
-def main(model_dir: str, out_dir: str, weights: str) -> None:
+def main(out_dir: str, model_dir: str, weights: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     sharded = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto").eval()
