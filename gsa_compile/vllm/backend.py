@@ -311,12 +311,12 @@ def plan_layer(config: GSAConfig, layer_index: int, total_kv_heads: int, local_k
     """(policy, source, kwargs, weight) for one attention layer, or None when it stays dense.
     The weight rows are this tensor-parallel rank's KV heads."""
     from ..hashing import layer_hash_weight
+    from ..sharding import HeadShard
 
     if layer_index >= config.num_hidden_layers or config.layer_policy(layer_index) == "dense":
         return None
-    weight = layer_hash_weight(config, layer_index, total_kv_heads, head_dim)
-    first = _first_kv_head(total_kv_heads, local_kv_heads, tp_rank, tp_size)
-    weight = weight[first: first + local_kv_heads].contiguous()
+    shard = HeadShard(_first_kv_head(total_kv_heads, local_kv_heads, tp_rank, tp_size), local_kv_heads, total_kv_heads)
+    weight = layer_hash_weight(config, layer_index, local_kv_heads, head_dim, shard)
     return (config.layer_policy(layer_index), config.selection_source(layer_index),
             config.attention_kwargs(layer_index, "cpu"), weight)
 
