@@ -44,6 +44,7 @@ from transformers.generation.configuration_utils import CompileConfig
 import gsa_compile
 from gsa_compile.capture.hf import gsa_disabled
 from gsa_compile.capture.hf_cache import attach_codes
+from gsa_compile.sharding import is_dtensor
 from gsa_compile.tables import format_table, write_json
 
 LLAMA_31_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -150,8 +151,8 @@ def fill(model, cache, batch: int, length: int, device: str, generator: torch.Ge
     """Random keys and values for `length` positions of every layer (codes written on the way)."""
     attach_codes(cache, model.gsa_runtime)
     config = model.config
-    shape = (batch, config.num_key_value_heads, length, config.head_dim)
     for layer in range(config.num_hidden_layers):
+        shape = (batch, kv_heads(model, layer), length, config.head_dim)
         keys = torch.randn(shape, device=device, dtype=model.dtype, generator=generator)
         cache.update(keys, torch.randn(shape, device=device, dtype=model.dtype, generator=generator), layer)
 
@@ -241,21 +242,31 @@ def copy_bandwidth(device: str) -> float:
     return 2 * 10 * source.numel() / (time.perf_counter() - started)
 
 
+def kv_heads(model, layer: int) -> int:
+    """KV heads the layer's cache holds on this device (this rank's under tensor parallelism)."""
+    return model.gsa_runtime.sites[layer].shape.kv_heads
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights on this device (this rank's shards under tensor parallelism)."""
+    local = (p.to_local() if is_dtensor(p) else p for p in model.parameters())
+    return sum(p.numel() * p.element_size() for p in local)
+
+
 def floor_bytes(model, batch: int, length: int, path: str) -> float:
     """Bytes one decode step must read: weights, then each layer's K/V (selected blocks and codes
     in GSA's sparse layers)."""
     config = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_token = 2 * config.num_key_value_heads * config.head_dim * model.dtype.itemsize * batch
-    total = weights
+    total = weight_bytes(model)
     runtime = model.gsa_runtime
     for layer in range(config.num_hidden_layers):
+        per_token = 2 * kv_heads(model, layer) * config.head_dim * model.dtype.itemsize * batch
         site = runtime.sites.get(layer)
         if path.startswith("gsa") and site is not None and site.policy != "dense":
             k = runtime.config.num_selected_blocks(layer, length)
             total += per_token * min(length, k * runtime.config.chunk_size)
             if site.policy == "sparse":
-                total += batch * config.num_key_value_heads * length * runtime.config.hash_bits // 8
+                total += batch * kv_heads(model, layer) * length * runtime.config.hash_bits // 8
         else:
             total += per_token * length
     return total
