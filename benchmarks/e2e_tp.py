@@ -31,7 +31,8 @@ from gsa_compile.sharding import is_dtensor
 from gsa_compile.tables import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_generate import EAGER_PATHS, STATIC_PATHS, TINY, copy_bandwidth, run_shape, table, weight_bytes  # noqa: E402
+from e2e_generate import (EAGER_PATHS, STATIC_PATHS, TINY, agreement, copy_bandwidth, run_shape,  # noqa: E402
+                          table, weight_bytes)
 
 LLAMA_31_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                     head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=262144)
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dynamic-shapes", default="32768", help="prompt lengths that also run the eager paths")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--budget-tokens", type=int, default=2048)
+    parser.add_argument("--agreement", default="", help="BATCHxPROMPT of a full-budget agreement run")
     parser.add_argument("--headroom", type=float, default=1.15,
                         help="memory factor over weights + cache + codes a shape needs to run")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU, gloo (smoke test)")
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.paths = tuple(p for p in args.paths.split(",") if p)
     args.dynamic_shapes = {int(p) for p in args.dynamic_shapes.split(",") if p}
+    args.agreement = tuple(int(x) for x in args.agreement.split("x")) if args.agreement else None
 
     device_type = "cpu" if args.tiny else "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -138,6 +141,9 @@ def main(argv=None) -> int:
         report["rows"].extend({**row, "gb_per_rank": needed} for row in rows)
         if rank == 0:
             write_json(os.path.join(args.out, "e2e_tp.json"), report)
+    if args.agreement:
+        report["agreement"] = agreement(model, args, device_type)
+        print("full-budget agreement:", report["agreement"], flush=True)
     if rank == 0:
         write_json(os.path.join(args.out, "e2e_tp.json"), report)
     print(table(report["rows"]), flush=True)

@@ -6,7 +6,6 @@ torch.export graphs hold aten overloads. Matchers ask `op_name(node)` for a cano
 
 from __future__ import annotations
 
-import functools
 import operator
 import re
 from typing import Any, Optional
@@ -163,8 +162,8 @@ def _clean_module_path(path: str) -> str:
 
 
 def upstream_tensors(start: fx.Node):
-    """(node, tensor) of the real tensors a dynamo graph's placeholders (their example) and
-    get_attr nodes hold upstream of `start`, nearest first: the weights a value was computed from."""
+    """(placeholder, tensor) of the real tensors (dynamo's examples: parameters, buffers, inputs)
+    a dynamo graph's placeholders hold upstream of `start`, nearest first."""
     seen, frontier = set(), [start]
     while frontier:
         following = []
@@ -172,13 +171,9 @@ def upstream_tensors(start: fx.Node):
             if node in seen:
                 continue
             seen.add(node)
-            found = None
-            if node.op == "placeholder":
-                found = getattr(node.meta.get("grapharg"), "example", None)
-            elif node.op == "get_attr" and node.graph.owning_module is not None:
-                found = functools.reduce(getattr, node.target.split("."), node.graph.owning_module)
-            if isinstance(found, torch.Tensor):
-                yield node, found
+            example = getattr(node.meta.get("grapharg"), "example", None) if node.op == "placeholder" else None
+            if isinstance(example, torch.Tensor):
+                yield node, example
             following.extend(node.all_input_nodes)
         frontier = following
 

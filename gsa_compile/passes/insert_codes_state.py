@@ -147,6 +147,8 @@ def head_shard(context: PassContext, match, heads: int) -> Optional[HeadShard]:
     if context.tensor_parallel is not None:
         rank, size = context.tensor_parallel
         return HeadShard.even(rank, size, heads)
+    if not any(is_dtensor(tensor) for tensor in context.example_inputs or ()):
+        return None
     for _, tensor in upstream_tensors(match.key):
         if not is_dtensor(tensor) or all(placement.is_replicate() for placement in tensor.placements):
             continue
