@@ -1,12 +1,19 @@
-"""The project's own long-context accuracy model.
+"""The project's own long-context accuracy models.
 
-A small ``transformers`` ``LlamaForCausalLM`` over the token layout of
-:mod:`gsa_compile.accuracy.tasks`: GQA with 8 query heads and 2 KV heads of dim 64 (so
-GSA's grouping, 64-dim codes and 128-token chunking all get exercised), RoPE with theta
-500000 for contexts up to 16K, 6 layers, hidden 256, tied embeddings.  The weights trained
-by ``benchmarks/accuracy/train_accuracy_model.py`` ship as package data in
-``gsa_compile/assets/accuracy_model/`` (``config.json`` + ``model.safetensors``, stored
-in bfloat16).
+Small ``transformers`` ``LlamaForCausalLM`` configurations over the token layout of
+:mod:`gsa_compile.accuracy.tasks`, by name (:data:`MODEL_CONFIGS`):
+
+- ``"default"``, the shipped model: GQA with 8 query heads and 2 KV heads of dim 64 (so
+  GSA's grouping, 64-dim codes and 128-token chunking all get exercised), RoPE with theta
+  500000 for contexts up to 16K, 6 layers, hidden 256, tied embeddings.  The weights trained
+  by ``benchmarks/accuracy/train_accuracy_model.py`` ship as package data in
+  ``gsa_compile/assets/accuracy_model/`` (``config.json`` + ``model.safetensors``, stored
+  in bfloat16).
+- ``"geometry128"``: the attention geometry of current LLMs (head dim 128, 8 query / 2 KV
+  heads, 12 layers, RoPE theta 500000) on a narrow residual stream (hidden 256, attention
+  width 1024 through ``head_dim``), so that it stays near 29 MiB in bfloat16; its vocabulary
+  adds the 256 byte tokens of :mod:`gsa_compile.accuracy.text` (768 ids) for the
+  natural-text signal it is trained on besides the tasks.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import tasks
+from . import tasks, text
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +50,28 @@ DEFAULT_CONFIG = dict(
     pad_token_id=tasks.PAD,
 )
 
+GEOMETRY128_CONFIG = dict(
+    DEFAULT_CONFIG,
+    vocab_size=text.TEXT_VOCAB_SIZE,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=128,
+)
 
-def accuracy_model_config(**overrides):
-    """The ``LlamaConfig`` of the accuracy model; keyword arguments override fields."""
+MODEL_CONFIGS = {"default": DEFAULT_CONFIG, "geometry128": GEOMETRY128_CONFIG}
+
+
+def accuracy_model_config(name: str = "default", **overrides):
+    """The ``LlamaConfig`` of the accuracy model ``name`` (a key of :data:`MODEL_CONFIGS`);
+    keyword arguments override fields."""
     from transformers import LlamaConfig
 
-    kw = dict(DEFAULT_CONFIG)
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown accuracy model {name!r}; allowed: {sorted(MODEL_CONFIGS)}")
+    kw = dict(MODEL_CONFIGS[name])
     kw.update(overrides)
     theta = kw.pop("rope_theta")
     cfg = LlamaConfig(**kw)
@@ -69,11 +92,11 @@ def _rope_theta(cfg) -> float:
     return float(cfg.rope_theta)
 
 
-def build_accuracy_model(config=None, *, attn_implementation: str = "sdpa", seed: int = 0, **overrides):
-    """A freshly initialised (seeded) accuracy model, for training."""
+def build_accuracy_model(config=None, *, name: str = "default", attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    """A freshly initialised (seeded) accuracy model ``name``, for training."""
     from transformers import LlamaForCausalLM
 
-    cfg = config if config is not None else accuracy_model_config(**overrides)
+    cfg = config if config is not None else accuracy_model_config(name, **overrides)
     cfg._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -84,19 +107,31 @@ def build_accuracy_model(config=None, *, attn_implementation: str = "sdpa", seed
     return model
 
 
-def save_accuracy_model(model, path: str | Path = ASSET_DIR, *, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (in ``dtype``) to ``path``."""
+def save_accuracy_model(
+    model, path: str | Path = ASSET_DIR, *, dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "50GB",
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (in ``dtype``) to ``path``; a model
+    larger than ``max_shard_size`` is written as shards with their index
+    (``model.safetensors.index.json``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("model*.safetensors*"):  # shards of an earlier save would mix with these
+        old.unlink()
     orig = next(model.parameters()).dtype
     model.to(dtype)
     try:
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, max_shard_size=max_shard_size)
     finally:
         model.to(orig)
     for extra in ("generation_config.json",):
         (path / extra).unlink(missing_ok=True)
     return path
+
+
+def has_weights(path: str | Path) -> bool:
+    """Whether ``path`` holds saved weights (one file or shards with their index)."""
+    path = Path(path)
+    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
 
 
 def load_accuracy_model(
@@ -110,7 +145,7 @@ def load_accuracy_model(
     from transformers import LlamaForCausalLM
 
     path = Path(path) if path is not None else ASSET_DIR
-    if not (path / "model.safetensors").is_file():
+    if not has_weights(path):
         raise FileNotFoundError(
             f"no accuracy model weights at {path}; train them with "
             "benchmarks/accuracy/train_accuracy_model.py"
