@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 
 from .capture import LayerCapture
+from .scale import norm_scaled_sigma
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,9 @@ class HataSettings:
     # Not in the paper: a step never moves W by more than lr * max_grad_norm, so a sharp relaxation
     # (large sigma) cannot throw W far from orthogonal, where the quartic decorrelation term explodes.
     max_grad_norm: float = 1.0
+    # Not in the paper: when set, sigma is replaced per step by temperature * sqrt(D) / rms norm, for
+    # queries and keys apart (calibrate/scale.py: a fixed sigma means a different sharpness per model).
+    temperature: Optional[float] = None
 
 
 def relaxed_sign(x: torch.Tensor, weight: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -83,8 +88,12 @@ def decorrelation_loss(weight: torch.Tensor) -> torch.Tensor:
 
 
 def hata_loss(weight, queries, keys, positions, labels, valid, settings: HataSettings) -> tuple[torch.Tensor, dict]:
-    hq = relaxed_sign(queries, weight, settings.sigma)
-    hk = relaxed_sign(keys, weight, settings.sigma)
+    if settings.temperature is None:
+        sigma_q = sigma_k = settings.sigma
+    else:
+        sigma_q, sigma_k = (norm_scaled_sigma(x, settings.temperature) for x in (queries, keys))
+    hq = relaxed_sign(queries, weight, sigma_q)
+    hk = relaxed_sign(keys, weight, sigma_k)
     parts = {
         "similarity": similarity_loss(hq, hk, labels, valid),
         "bit_balance": bit_balance_loss(hk, positions),
