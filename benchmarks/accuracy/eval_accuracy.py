@@ -4,6 +4,10 @@
     gsa-compile calibrate --out build/accuracy_hashes --sigma 3 --seed 1235
     python benchmarks/accuracy/eval_accuracy.py --hash-config build/accuracy_hashes/gsa_config.json
     python benchmarks/accuracy/eval_accuracy.py --samples 4     # any eval option overrides the run below
+
+    # the head-dim-128 model (trained into build/geometry128, hashes by calibrate_recall.py):
+    python benchmarks/accuracy/eval_accuracy.py geometry128 --hash-config build/g128_hashes/gsa_config.json \\
+        --device cuda
 """
 
 import sys
@@ -19,5 +23,18 @@ DOCUMENTED_RUN = [
     "--dense-layers", "0", "--sigma", "3", "--json", "docs/accuracy_results.json", "--plot", "docs/accuracy_plot.png",
 ]
 
+# The head-dim-128 model (docs/accuracy.md, "The head-dim-128 model"): the same rules, budgets,
+# chunk and must-select blocks at 4K/8K/16K, the model read from build/geometry128 (where
+# train_accuracy_model.py --model geometry128 --out-dir build/geometry128 puts it).
+GEOMETRY128_RUN = [
+    "eval", "--model", "build/geometry128", "--lengths", "4096,8192,16384", "--samples", "20", "--chunk-size", "16",
+    "--must-select", "0,-1", "--dense-layers", "0", "--json", "docs/accuracy_geometry128.json",
+    "--plot", "docs/accuracy_geometry128.png",
+]
+
+RUNS = {"geometry128": GEOMETRY128_RUN}
+
 if __name__ == "__main__":
-    sys.exit(main(DOCUMENTED_RUN + sys.argv[1:]))
+    args = sys.argv[1:]
+    run = RUNS[args.pop(0)] if args and args[0] in RUNS else DOCUMENTED_RUN
+    sys.exit(main(run + args))

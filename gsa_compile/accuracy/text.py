@@ -10,7 +10,7 @@ reads it and tokenizes it with a byte-level tokenizer on top of the task vocabul
     512 .. 767  byte b is token TEXT_BYTE0 + b (byte 0 separates source files)
 
 so a model of ``TEXT_VOCAB_SIZE`` ids reads both. ``build_corpus`` writes the bytes of the
-``.py`` files under the given roots (sorted paths, so a machine with the same packages
+``.py`` files under the given roots (in a fixed order, so a machine with the same packages
 builds the same corpus) into one file; ``text_rows`` cuts random windows out of it.
 """
 
@@ -54,7 +54,8 @@ def default_roots() -> list[Path]:
 
 
 def source_files(roots: Iterable[Path]) -> Iterable[Path]:
-    """``.py`` files under ``roots`` in sorted order (folders sorted too; links not followed)."""
+    """``.py`` files under ``roots``: each folder's files by name, then its subfolders by name
+    (links not followed)."""
     for root in roots:
         for folder, dirs, files in os.walk(root):
             dirs.sort()
