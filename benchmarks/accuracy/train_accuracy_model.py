@@ -635,6 +635,9 @@ def main(argv=None) -> int:
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     name, overrides = parse_model_spec(args.model)
+    if args.install and (name != "default" or overrides):
+        raise ValueError(f"--install replaces the shipped default model in {acc_model.ASSET_DIR}; "
+                         f"this run trains {args.model!r}: leave --install out")
     config = acc_model.accuracy_model_config(name, **overrides)
     corpus, corpus_stats = prepare_corpus(args, config.vocab_size)
     # data workers are forked before CUDA is initialised in this process
