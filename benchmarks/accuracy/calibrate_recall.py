@@ -57,6 +57,8 @@ def parse_args(argv=None):
                    help="rms of the relaxed sign's argument; sigma = T sqrt(D) / rms|x| per step (0: fixed --sigma)")
     p.add_argument("--sigma", type=float, default=0.1, help="fixed sharpness when --temperature is 0 (HATA: 0.1)")
     p.add_argument("--top-fraction", type=float, default=0.1, help="share of each query's keys labelled positive")
+    p.add_argument("--eps", type=float, default=HataSettings.eps, help="weight of the similarity term")
+    p.add_argument("--eta", type=float, default=HataSettings.eta, help="weight of the bit-balance term")
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--must-select", default="0,-1")
     p.add_argument("--budget", type=float, default=0.0156, help="recall budget, a share of the cache")
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
     model = load_accuracy_model(args.model, device=args.device)
     config = GSAConfig.for_model(model, chunk_size=args.chunk_size, must_select_blocks=must,
                                  model_name=str(args.model or "gsa-compile/accuracy-model"))
-    settings = HataSettings(sigma=args.sigma, temperature=args.temperature or None, top_fraction=args.top_fraction)
+    settings = HataSettings(sigma=args.sigma, temperature=args.temperature or None, top_fraction=args.top_fraction,
+                            eps=args.eps, eta=args.eta)
     result = calibrate(
         model, samples_of(args.tasks, args.context_len, args.samples, args.seed), config,
         epochs=args.epochs, iterations=args.iterations, settings=settings, out_dir=str(args.out),
