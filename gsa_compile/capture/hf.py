@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache
 from ..config import GSAConfig, load_config
 from ..errors import GSAConfigError, GSAError
 from ..report import Report, Site
-from . import hf_attention
+from . import hf_attention, hf_mla
 from .hf_cache import attach_codes
 from .hf_sites import (
     SITE_ATTRIBUTE,
@@ -185,7 +185,8 @@ def _build_site(
         dense_fn = _with_index_mask(dense_fn)
     key_builder = module.expand_kv if hasattr(module, "expand_kv") else None
     shape = site_shape(module, model_config)
-    return GSASite(runtime, layer, policy, shape, dense_fn, key_builder=key_builder, note=note)
+    latent = hf_mla.latent_layout(module, runtime.config, shape.shard)[0] if policy != "dense" else None
+    return GSASite(runtime, layer, policy, shape, dense_fn, key_builder=key_builder, note=note, latent=latent)
 
 
 def _report_site(site: GSASite, path: str, config: GSAConfig) -> Site:

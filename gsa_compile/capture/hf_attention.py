@@ -32,9 +32,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from .. import decode, ops
+from .. import decode, mla, ops
 from ..errors import GSAConfigError, GSAError
 from ..kernels import common
+from . import hf_mla
 from .hf_sites import SITE_ATTRIBUTE, GSARuntime, GSASite
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def gsa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
         if not plan.host_sparse and plan.dense != "device":
             reason = plan.dense
     if reason is None:
-        reason, blocks = _selection(site, step, plan, query, options)
+        reason, blocks = _selection(site, module, step, plan, query, options)
     if reason is not None:
         _count_dense(site, reason, query, key, value)
         if reason in FAST_DENSE_REASONS and site.runtime.original_implementation == "sdpa":
@@ -162,7 +163,7 @@ def _fast_dense_decode(query, key, value, attention_mask, scaling, kwargs) -> Op
     return out.transpose(1, 2).contiguous()
 
 
-def _selection(site: GSASite, step: DecodeStep, plan: decode.DecodePlan, query, options: dict):
+def _selection(site: GSASite, module, step: DecodeStep, plan: decode.DecodePlan, query, options: dict):
     """(dense reason, None) or (None, blocks) for a layer that runs sparse this step."""
     budget = (options["top_k_ratio"], options["budget_tokens"], options["must_select"])
     if site.policy == "reuse":
@@ -173,6 +174,12 @@ def _selection(site: GSASite, step: DecodeStep, plan: decode.DecodePlan, query, 
     codes, norms = step.codes(site)
     if codes is None:
         return "no_codes", None
+    if site.latent is not None:
+        return None, mla.latent_select_blocks(
+            query, hf_mla.key_up_projection(site.latent, module), site.latent.nope_dim, codes, site.hash_weight,
+            plan.valid, norms, options["chunk_size"], plan.num_blocks(*budget), list(options["must_select"]),
+            options["repre"], plan.limit(*budget),
+        )
     blocks = ops.select_blocks(
         query, codes, site.hash_weight, plan.valid, norms, options["chunk_size"], plan.num_blocks(*budget),
         list(options["must_select"]), options["repre"], options["scope"], plan.limit(*budget),

@@ -129,6 +129,7 @@ class GSASite(nn.Module):
         dense_fn: Callable,
         key_builder: Optional[Callable] = None,
         note: str = "",
+        latent=None,
     ):
         super().__init__()
         self.runtime = runtime
@@ -138,13 +139,21 @@ class GSASite(nn.Module):
         self.dense_fn = dense_fn
         # MLA caches latents: the keys attention sees are built from them (module.expand_kv).
         self.key_builder = key_builder
+        # MLA selecting in the latent space (gsa_compile.mla.LatentLayout): the codes are those of
+        # the cached latents [c_kv | k_rope], one KV head shared by all query heads.
+        self.latent = latent
         self.note = note
         self.ref = _SiteRef(self)
         self._host_counts = [0] * (len(COUNTED) + len(REASON_SLOTS))
         self.register_buffer("counters", torch.zeros(len(self._host_counts), dtype=torch.int64), persistent=False)
         weight = None
         if policy == "sparse":
-            weight = layer_hash_weight(runtime.config, layer, shape.kv_heads, shape.key_dim, shape.shard).to(torch.float32)
+            if latent is not None:
+                # One latent KV head for all query heads (gsa_compile.mla).
+                weight = layer_hash_weight(runtime.config, layer, 1, latent.code_dim)
+            else:
+                weight = layer_hash_weight(runtime.config, layer, shape.kv_heads, shape.key_dim, shape.shard)
+            weight = weight.to(torch.float32)
         self.register_buffer("hash_weight", weight, persistent=False)
         _mark_static(self.counters)
 
@@ -192,15 +201,25 @@ class GSASite(nn.Module):
         what it stores; for MLA that is latents, expanded here into the keys attention sees."""
         from .. import functional
 
-        keys = key_states if self.key_builder is None else self.key_builder(key_states, value_states)[0]
-        if tuple(keys.shape[1:2]) + tuple(keys.shape[3:]) != (self.shape.kv_heads, self.shape.key_dim):
+        keys = self.hashed_keys(key_states, value_states)
+        heads, dims = (1, self.latent.code_dim) if self.latent is not None else (self.shape.kv_heads, self.shape.key_dim)
+        if tuple(keys.shape[1:2]) + tuple(keys.shape[3:]) != (heads, dims):
             raise GSAError(
                 f"layer {self.layer}: keys entering the cache are {tuple(keys.shape)} but the GSA site was "
-                f"sized for {self.shape.kv_heads} KV heads of {self.shape.key_dim} dims"
+                f"sized for {heads} KV heads of {dims} dims"
             )
         self.count("encoded_tokens", keys.shape[2])
         norms = functional.key_norms(keys) if self.runtime.config.key_norm_weighting else None
         return functional.encode(keys, self.hash_weight), norms
+
+    def hashed_keys(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
+        """What the codes hash, from what the cache stores: the keys, the keys expand_kv builds
+        from MLA latents, or (latent-space selection) the latent keys [c_kv | k_rope]."""
+        from ..mla import latent_keys
+
+        if self.latent is not None:
+            return latent_keys(key_states, value_states)
+        return key_states if self.key_builder is None else self.key_builder(key_states, value_states)[0]
 
     # ------------------------------------------------------------------ policy
     def attention_kwargs(self, device_type: str) -> dict:

@@ -62,9 +62,7 @@ def assert_codes_match_keys(cache) -> int:
             continue
         site = layer.gsa_site
         length = int(layer.get_seq_length())
-        keys, values = layer.keys[:, :, :length], layer.values[:, :, :length]
-        if site.key_builder is not None:
-            keys = site.key_builder(keys, values)[0]
+        keys = site.hashed_keys(layer.keys[:, :, :length], layer.values[:, :, :length])
         expected = functional.encode(keys, site.hash_weight)
         assert torch.equal(layer.codes[:, :, :length], expected), f"layer {site.layer}: codes differ from its keys"
         if site.runtime.config.key_norm_weighting:

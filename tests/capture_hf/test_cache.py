@@ -131,12 +131,17 @@ def test_static_cache_passed_to_forward(pair):
     assert assert_codes_match_keys(static) == 2
 
 
-def test_mla_codes_are_codes_of_expanded_keys():
+@pytest.mark.parametrize("is_mla, code_heads", [(True, 1), (False, None)])
+def test_mla_codes_are_codes_of_latent_or_expanded_keys(is_mla, code_heads):
     original = build("deepseek_v3")
-    model = optimize_transformers(original, gsa_config(original))
+    config = gsa_config(original)
+    if not is_mla:  # selection over the expanded per-head keys
+        head_dim = original.config.qk_nope_head_dim + original.config.qk_rope_head_dim
+        config = config.replace(is_mla=False, head_dim=head_dim, hash_bits=8 * -(-head_dim // 8))
+    model = optimize_transformers(original, config)
     out = model.generate(_prompt(), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     cache = generated_cache(out)
-    assert cache.layers[1].codes.shape[1] == original.config.num_attention_heads
+    assert cache.layers[1].codes.shape[1] == (code_heads or original.config.num_attention_heads)
     assert assert_codes_match_keys(cache) == 2
 
 
