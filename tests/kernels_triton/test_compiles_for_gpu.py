@@ -30,10 +30,11 @@ SCRIPT = textwrap.dedent('''
 
     compile_for_sm90(hash_encode._encode_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*u8"},
                      {"BLOCK_L": 32, "BLOCK_D": 64, "BLOCK_R": 128})
-    for groups in (1, 4, 16):
+    for groups in (1, 4, 16, 128):  # 128: MLA's latent selection groups every head of DeepSeek-V3
         direct, planes, offset = plane_layout(groups)
         compile_for_sm90(hash_encode._query_planes_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*u8"},
-                         {"GROUPS": groups, "BLOCK_G": 16, "BLOCK_D": 64, "BLOCK_R": 128, "DIRECT": direct,
+                         {"GROUPS": groups, "BLOCK_G": min(64, max(16, groups)), "BLOCK_D": 64, "BLOCK_R": 128,
+                          "DIRECT": direct,
                           "PLANES": planes, "OFFSET": offset})
         for repre, masked in ((0, False), (2, True)):
             compile_for_sm90(block_scores._block_score_kernel,

@@ -5,7 +5,7 @@ The group's similarity to a key, sum_i (R - 2 hamming(q_i, k)), is the dot produ
 +-1 code with S, the group sum of the query signs. S is handed over as 1 + log2(G) packed +-1
 planes (kernels.common.plane_layout) with weights w_p, and S . k = sum_p w_p (R - 2 hamming(
 plane_p, k)): one XOR + popcount per plane and code word, and an even group's two weight-1
-planes share one popcount, so groups 1, 2, 4, 8, 16 cost 1, 1, 2, 3, 4 popcounts per word
+planes share one popcount, so groups 1, 2, 4, 8, 16, 128 cost 1, 1, 2, 3, 4, 7 popcounts per word
 (instead of G) and the kernel stays bound by reading the codes at every group size.
 
 Output is float64 [B, Hkv, n_blocks]: -inf for a block with no valid token, else the block's
@@ -29,8 +29,9 @@ REPRE_CODES = {"max": 0, "min": 1, "sum": 2}
 # Tokens each program scores (several whole blocks when blocks are small), and its warps.
 TOKENS_PER_PROGRAM = 512
 NUM_WARPS = 4
-# Query heads per KV head the plane kernel and the scorer take (7 planes at 64).
-MAX_GROUPS = 64
+# Query heads per KV head the plane kernel and the scorer take (11 planes at 1024; MLA's
+# latent selection groups all 128 heads of DeepSeek-V3: 8 planes). Scores stay exact in int32.
+MAX_GROUPS = 1024
 
 
 @triton.jit

@@ -2,8 +2,8 @@
 
 Each program takes BLOCK_L vectors that share one weight head (for queries: the G heads of a
 GQA group of every batch row, so a decode step's whole query is a handful of programs),
-projects them on all R hash directions with one float32-accurate matrix product, and packs
-the signs: the product's columns viewed as [R/8, 8] and summed with weights 1, 2, 4, ... 128
+projects them on up to 128 of the R hash directions with one float32-accurate matrix product
+(wider codes take several programs), and packs the signs: the product's columns viewed as [R/8, 8] and summed with weights 1, 2, 4, ... 128
 give the little-endian bytes. No unpacked bit reaches memory."""
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def _encode_kernel(
 ):
     pid_rows = tl.program_id(0)
     w_head = tl.program_id(1)
+    # This program's BLOCK_R hash directions start at r0 (wide codes take several programs).
+    r0 = tl.program_id(2) * BLOCK_R
     # Rows of this program: (batch row, head of the group, vector) flattened.
     rows = pid_rows * BLOCK_L + tl.arange(0, BLOCK_L)
     row_ok = rows < batch * groups * num_vectors
@@ -59,15 +61,16 @@ def _encode_kernel(
     head = w_head * groups + (rows // num_vectors) % groups
     b = rows // (num_vectors * groups)
     x_rows = x_ptr + b * sx_b + head * sx_h + vector * sx_l
-    projected = _project(x_rows, row_ok, w_ptr, w_head, dim, hash_bits, sx_d, sw_h, sw_d, sw_r,
+    projected = _project(x_rows, row_ok, w_ptr + r0 * sw_r, w_head, dim, hash_bits - r0, sx_d, sw_h, sw_d, sw_r,
                          BLOCK_L, BLOCK_D, BLOCK_R)
 
     bit_values = 1 << (tl.arange(0, 8))
     bits = tl.reshape((projected >= 0).to(tl.int32), (BLOCK_L, BLOCK_R // 8, 8))
     packed = tl.sum(bits * bit_values[None, None, :], axis=2)
     out_bytes = tl.arange(0, BLOCK_R // 8)
-    tl.store(out_ptr + b[:, None] * so_b + head[:, None] * so_h + vector[:, None] * so_l + out_bytes[None, :],
-             packed.to(tl.uint8), mask=row_ok[:, None] & (out_bytes[None, :] < hash_bits // 8))
+    out_rows = out_ptr + b[:, None] * so_b + head[:, None] * so_h + vector[:, None] * so_l + r0 // 8
+    tl.store(out_rows + out_bytes[None, :], packed.to(tl.uint8),
+             mask=row_ok[:, None] & (out_bytes[None, :] < (hash_bits - r0) // 8))
 
 
 @triton.jit
@@ -91,24 +94,38 @@ def _query_planes_kernel(
     pid = tl.program_id(0)
     b = pid // kv_heads
     h = pid % kv_heads
-    rows = tl.arange(0, BLOCK_G)
-    row_ok = rows < GROUPS
-    x_rows = x_ptr + b * sx_b + (h * GROUPS + rows) * sx_h
-    projected = _project(x_rows, row_ok, w_ptr, h, dim, hash_bits, sx_d, sw_h, sw_d, sw_r,
-                         BLOCK_G, BLOCK_D, BLOCK_R)
-    bits = ((projected >= 0) & row_ok[:, None]).to(tl.int32)
-    out = out_ptr + b * so_b + h * so_h
+    r0 = tl.program_id(1) * BLOCK_R
+    # The group's heads BLOCK_G at a time: large groups (MLA's 128 heads share one latent)
+    # keep the same register tile as small ones; only the per-direction counts accumulate.
+    first = tl.zeros([BLOCK_R], dtype=tl.int32)
+    counted = tl.zeros([BLOCK_R], dtype=tl.int32) + OFFSET
+    for g0 in range(0, GROUPS, BLOCK_G):
+        rows = g0 + tl.arange(0, BLOCK_G)
+        row_ok = rows < GROUPS
+        x_rows = x_ptr + b * sx_b + (h * GROUPS + rows) * sx_h
+        projected = _project(x_rows, row_ok, w_ptr + r0 * sw_r, h, dim, hash_bits - r0, sx_d, sw_h, sw_d, sw_r,
+                             BLOCK_G, BLOCK_D, BLOCK_R)
+        bits = ((projected >= 0) & row_ok[:, None]).to(tl.int32)
+        first += tl.sum(tl.where(rows[:, None] == 0, bits, 0), axis=0)
+        counted += tl.sum(tl.where(rows[:, None] >= DIRECT, bits, 0), axis=0)
+    out = out_ptr + b * so_b + h * so_h + r0 // 8
     if DIRECT:
-        _store_plane(out, tl.sum(tl.where(rows[:, None] == 0, bits, 0), axis=0), hash_bits, BLOCK_R)
-    counted = tl.sum(tl.where(rows[:, None] >= DIRECT, bits, 0), axis=0) + OFFSET
+        _store_plane(out, first, hash_bits - r0, BLOCK_R)
     for j in tl.static_range(PLANES):
-        _store_plane(out + (DIRECT + j) * so_p, (counted >> j) & 1, hash_bits, BLOCK_R)
+        _store_plane(out + (DIRECT + j) * so_p, (counted >> j) & 1, hash_bits - r0, BLOCK_R)
 
 
-def _tiles(dim: int, hash_bits: int) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_R) of a projection: the weight tile stays within registers."""
-    block_r = max(16, runtime.next_power_of_2(hash_bits))
-    return min(64 if block_r <= 128 else 32, max(16, runtime.next_power_of_2(dim))), block_r
+# Hash directions one program projects: wider codes (MLA's 576 bits) are split across programs,
+# so the projection tile stays [rows, 128] whatever R is.
+MAX_BLOCK_R = 128
+# Query heads of a group one program projects at a time.
+MAX_BLOCK_G = 64
+
+
+def _tiles(dim: int, hash_bits: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_R, programs along R) of a projection: the weight tile stays within registers."""
+    block_r = min(MAX_BLOCK_R, max(16, runtime.next_power_of_2(hash_bits)))
+    return min(64, max(16, runtime.next_power_of_2(dim))), block_r, ceil_div(hash_bits, block_r)
 
 
 def encode_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -119,9 +136,9 @@ def encode_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> tor
     weight = weight.to(device=x.device, dtype=torch.float32)
     rows = batch * groups * num_vectors
     block_l = min(MAX_BLOCK_L, max(16, runtime.next_power_of_2(rows)))
-    block_d, block_r = _tiles(dim, hash_bits)
+    block_d, block_r, r_programs = _tiles(dim, hash_bits)
     if rows and kv_heads:
-        _encode_kernel[(ceil_div(rows, block_l), kv_heads)](
+        _encode_kernel[(ceil_div(rows, block_l), kv_heads, r_programs)](
             x, weight, out,
             batch, groups, num_vectors, dim, hash_bits,
             *x.stride(), *weight.stride(), *out.stride()[:3],
@@ -140,10 +157,10 @@ def query_planes(query: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     direct, planes, offset = plane_layout(groups)
     weight = weight.to(device=query.device, dtype=torch.float32)
     out = torch.empty((batch, kv_heads, direct + planes, hash_bits // 8), dtype=torch.uint8, device=query.device)
-    block_g = max(16, runtime.next_power_of_2(groups))
-    block_d, block_r = _tiles(dim, hash_bits)
+    block_g = min(MAX_BLOCK_G, max(16, runtime.next_power_of_2(groups)))
+    block_d, block_r, r_programs = _tiles(dim, hash_bits)
     if batch and kv_heads:
-        _query_planes_kernel[(batch * kv_heads,)](
+        _query_planes_kernel[(batch * kv_heads, r_programs)](
             query, weight, out,
             kv_heads, dim, hash_bits,
             query.stride(0), query.stride(1), query.stride(3),
@@ -160,10 +177,10 @@ def encode(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def encode_supports(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
+    # Any vector width: the projection walks the dims BLOCK_D at a time (MLA latent keys have 576).
     return runtime.first_reason(
         runtime.device_reason(x),
         runtime.dtype_reason("x", x),
-        runtime.head_dim_reason("x's last dim", x.shape[-1]),
         None if weight.shape[-1] <= MAX_HASH_BITS
         else f"hash_bits is {weight.shape[-1]}; the Triton encode packs at most {MAX_HASH_BITS}",
     )
