@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
+from transformers import DynamicCache
 
 from ..accuracy.tasks import Sample
 from ..errors import GSAInputError
@@ -62,23 +63,42 @@ def calibration_tokens(samples: Sequence[Union[Sample, torch.Tensor]]) -> list[t
 
 
 @torch.no_grad()
-def capture_layers(model, samples: Sequence[Union[Sample, torch.Tensor]], progress: bool = False) -> dict[int, LayerCapture]:
-    """layer -> LayerCapture over the calibration sequences (one dense prefill each)."""
+def capture_layers(model, samples: Sequence[Union[Sample, torch.Tensor]], progress: bool = False,
+                   latent: Optional[dict] = None) -> dict[int, LayerCapture]:
+    """layer -> LayerCapture over the calibration sequences (one dense prefill each).
+
+    latent: layer -> gsa_compile.mla.LatentLayout for MLA layers that select in the latent
+    space: their capture holds the absorbed queries [H, T, latent + rope] and the latent keys
+    [1, L, latent + rope] (c_kv and k_rope, read from the cache the prefill fills), whose dot
+    products are the layer's logits."""
     from tqdm.auto import tqdm
 
+    from ..capture.hf_mla import key_up_projection
+    from ..mla import absorb_query, latent_keys
+
+    latent = latent or {}
     captured: dict[int, LayerCapture] = {}
 
     def probe(layer, module, query, key, value, attention_mask, scaling, **kwargs):
         start = query.shape[2] // 2
         entry = captured.setdefault(layer, LayerCapture([], [], [], float(scaling if scaling is not None else query.shape[-1] ** -0.5)))
-        entry.queries.append(query[0, :, start:].detach().float().cpu())
-        entry.keys.append(key[0].detach().float().cpu())
+        queries = query[:, :, start:]
+        if layer in latent:
+            queries = absorb_query(queries.float(), key_up_projection(latent[layer], module).float(), latent[layer].nope_dim)
+        entry.queries.append(queries[0].detach().float().cpu())
+        if layer not in latent:  # latent keys come from the cache after the forward
+            entry.keys.append(key[0].detach().float().cpu())
         entry.query_start.append(start)
         return dense_attention(module, query, key, value, attention_mask, scaling, **kwargs)
 
     device = next(model.parameters()).device
     with attention_probe(model, probe):
         for tokens in tqdm(calibration_tokens(samples), desc="capture q/k", unit="seq", disable=not progress):
-            forward_tokens(model, tokens[None].to(device))
+            cache = DynamicCache(config=model.config) if latent else None
+            forward_tokens(model, tokens[None].to(device), cache=cache)
+            for layer in latent:
+                # transformers' MLA modules cache c_kv as the layer's keys and k_rope as its values.
+                stored = cache.layers[layer]
+                captured[layer].keys.append(latent_keys(stored.keys, stored.values)[0].float().cpu())
     logger.info("captured q/k of %d layers on %d sequences", len(captured), len(samples))
     return dict(sorted(captured.items()))

@@ -121,10 +121,15 @@ def sample_pairs(capture: LayerCapture, kv_head: int, count: int, generator: tor
 
 def train_head(
     capture: LayerCapture, kv_head: int, initial: torch.Tensor, settings: HataSettings, generator: torch.Generator,
-    on_step=None,
+    on_step=None, structure: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, list[dict]]:
-    """Trained [D, R] weight of one KV head, starting from `initial`, and the loss per step."""
+    """Trained [D, R] weight of one KV head, starting from `initial`, and the loss per step.
+    structure (bool [D, R]): entries that may be non-zero (MLA's block-diagonal latent / rope
+    weight); the others keep their zero: their gradient is masked, so neither momentum nor
+    weight decay ever moves them."""
     weight = initial.detach().clone().float().requires_grad_(True)
+    if structure is not None:
+        weight.register_hook(lambda grad: grad * structure.to(grad.dtype))
     optimizer = torch.optim.SGD([weight], lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=settings.lr_decay)
     history = []
