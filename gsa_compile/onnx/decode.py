@@ -90,6 +90,7 @@ class DecodeStep(nn.Module):
         if runtime is None or (config is not None and config is not runtime.config):
             optimize_transformers(model, config)
             runtime = model.gsa_runtime
+        _refuse_latent_selection(model, runtime, name)
         self.model = model
         self.runtime = runtime
         self.device_type = device_type
@@ -297,6 +298,25 @@ def _export_attention(model):
 
 
 # ------------------------------------------------------------------ what the step can export
+def _refuse_latent_selection(model: nn.Module, runtime, name: str) -> None:
+    """MLA layers selecting in the latent space (gsa_compile.mla) have no ONNX lowering: the
+    gsa.Attention node scores codes of the keys it attends, and a latent site's codes are those
+    of the cached latents, with a query absorbed through kv_b_proj."""
+    from ..capture.hf import restore_transformers
+
+    latent = [site.layer for site in runtime.computing_sites() if site.latent is not None]
+    if not latent:
+        return
+    site = runtime.sites[latent[0]]
+    restore_transformers(model, runtime)
+    raise GSAError(
+        f"{name}: layers {latent} select in MLA's latent space (an is_mla config), which the ONNX decode step "
+        f"does not lower (its gsa.Attention node scores codes of the expanded keys it attends); export with an "
+        f"expanded-key config instead: config.replace(is_mla=False, head_dim={site.shape.key_dim}, "
+        f"hash_bits={8 * -(-site.shape.key_dim // 8)})"
+    )
+
+
 def _check_causal_lm(model: nn.Module) -> None:
     name = type(model).__name__
     config = getattr(model, "config", None)

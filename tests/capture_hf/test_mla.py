@@ -127,3 +127,13 @@ def test_a_quantized_up_projection_keeps_expanded_keys(original):
     module.kv_b_proj = torch.nn.Sequential(module.kv_b_proj)  # anything but a plain Linear
     layout, why = latent_layout(module, _config(original))
     assert layout is None and "kv_b_proj" in why
+
+
+def test_the_onnx_step_refuses_latent_selection_with_the_reason(original):
+    from gsa_compile.errors import GSAError
+    from gsa_compile.onnx import DecodeStep
+
+    model = copy.deepcopy(original)
+    with pytest.raises(GSAError, match=r"latent space.*is_mla=False, head_dim=24"):
+        DecodeStep(model, _config(original))
+    assert getattr(model, "gsa_runtime", None) is None  # left as given

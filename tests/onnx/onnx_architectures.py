@@ -78,7 +78,11 @@ def gsa_config(model, **overrides):
     reuse = [-1] + [0] * (layers - 1)
     fields = dict(chunk_size=4, top_k_ratio_per_layer=[0.4] * layers, top_k_index_reuse=reuse,
                   must_select_blocks=[0, -1], cpu_seq_len_threshold=8)
-    return gsa_compile.GSAConfig.for_model(model, **{**fields, **overrides})
+    config = gsa_compile.GSAConfig.for_model(model, **{**fields, **overrides})
+    if config.is_mla:  # the ONNX step lowers MLA's selection over the expanded keys only
+        head_dim = model.config.qk_nope_head_dim + model.config.qk_rope_head_dim
+        config = config.replace(is_mla=False, head_dim=head_dim, hash_bits=8 * -(-head_dim // 8))
+    return config
 
 
 def prompt(batch: int = 2, pad: int = 5):
