@@ -52,6 +52,7 @@ SELECT_CASES = [
     (2, 6, 3, 96, 64, 64, 16, 6, "sum", "shared", True, False),
     (1, 32, 2, 130, 64, 128, 16, 4, "max", "per_head", False, True),  # G * R = 2048: float16 signs, still exact
     (1, 32, 2, 130, 64, 136, 16, 4, "max", "per_head", False, True),  # G * R > 2048: float32 signs
+    (2, 128, 1, 140, 576, 576, 16, 4, "max", "per_head", False, True),  # MLA latent: 128 heads, one latent
 ]
 
 
