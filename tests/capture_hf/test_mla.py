@@ -137,3 +137,14 @@ def test_the_onnx_step_refuses_latent_selection_with_the_reason(original):
     with pytest.raises(GSAError, match=r"latent space.*is_mla=False, head_dim=24"):
         DecodeStep(model, _config(original))
     assert getattr(model, "gsa_runtime", None) is None  # left as given
+
+
+@pytest.mark.parametrize("cache_implementation, beams", [("static", 1), (None, 2)])
+def test_generate_with_static_cache_and_beams_equals_dense_at_full_budget(original, cache_implementation, beams):
+    model = optimize_transformers(copy.deepcopy(original), _config(original, key_norm_weighting=beams > 1))
+    kwargs = dict(max_new_tokens=6, num_beams=beams, do_sample=False, cache_implementation=cache_implementation,
+                  return_dict_in_generate=True)
+    prompt = _prompt(length=30)
+    out = model.generate(prompt, **kwargs)
+    assert torch.equal(out.sequences, original.generate(prompt, **kwargs).sequences)
+    assert model.gsa_runtime.total_stats().sparse_calls > 0
