@@ -186,6 +186,10 @@ def _build_site(
     key_builder = module.expand_kv if hasattr(module, "expand_kv") else None
     shape = site_shape(module, model_config)
     latent = hf_mla.latent_layout(module, runtime.config, shape.shard)[0] if policy != "dense" else None
+    if latent is not None and policy == "sparse":
+        code_bytes = (runtime.config.hash_bits_kv_lora + runtime.config.hash_bits_qk_rope) // 8
+        note = "; ".join(filter(None, [note, f"MLA latent-space selection: one {code_bytes}-byte code per token "
+                                             f"for all {latent.heads} heads"]))
     return GSASite(runtime, layer, policy, shape, dense_fn, key_builder=key_builder, note=note, latent=latent)
 
 

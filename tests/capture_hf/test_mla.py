@@ -70,6 +70,7 @@ def test_codes_are_one_latent_code_per_token(original):
     # One KV head whatever the number of query heads: (512 + 64) / 8 bytes per token.
     assert tuple(codes.shape) == (2, 1, prompt.shape[1] + 3, (LATENT_BITS + ROPE_BITS) // 8)
     assert model.gsa_runtime.sites[1].hash_weight.shape == (1, 32 + 8, LATENT_BITS + ROPE_BITS)
+    assert "one 72-byte code per token for all 8 heads" in model.gsa_report.sites[1].note
 
 
 def test_selection_equals_the_literal_latent_reference(original, monkeypatch):
