@@ -20,6 +20,11 @@ def _config(**fields):
                      top_k_ratio_per_layer=[1, 0.5], top_k_index_reuse=[-1, -1], **fields)
 
 
+@pytest.fixture(scope="module")
+def weight():
+    return layer_hash_weight(_config(), 1, 1, LATENT + ROPE)
+
+
 def _inputs(batch=2, num_keys=300, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     kv_b = torch.randn(HEADS * (NOPE + VALUE), LATENT, generator=gen, dtype=dtype) / LATENT ** 0.5
@@ -40,8 +45,7 @@ def test_absorbed_query_dot_latent_key_is_the_expanded_logit():
     torch.testing.assert_close(latent, logits, rtol=1e-12, atol=1e-10)
 
 
-def test_latent_weight_is_block_diagonal_with_both_parts():
-    weight = layer_hash_weight(_config(), 1, 1, LATENT + ROPE)
+def test_latent_weight_is_block_diagonal_with_both_parts(weight):
     assert weight.shape == (1, 576, 576)
     assert (weight[0, :LATENT, 512:] == 0).all() and (weight[0, LATENT:, :512] == 0).all()
     # Each part is orthogonal (Haar columns): the code's bits are decorrelated within a part.
@@ -51,9 +55,8 @@ def test_latent_weight_is_block_diagonal_with_both_parts():
 
 
 @pytest.mark.parametrize("kernel", [reference, cpu], ids=["reference", "cpu"])
-def test_latent_scores_equal_the_literal_similarity(kernel):
+def test_latent_scores_equal_the_literal_similarity(kernel, weight):
     kv_b, c_kv, k_rope, query = _inputs()
-    weight = layer_hash_weight(_config(), 1, 1, LATENT + ROPE)
     w_uk = LAYOUT.key_up_projection(kv_b)
     codes = reference.encode(mla.latent_keys(c_kv, k_rope), weight)
     assert codes.shape == (2, 1, 300, (512 + 64) // 8)
@@ -63,9 +66,8 @@ def test_latent_scores_equal_the_literal_similarity(kernel):
 
 
 @pytest.mark.parametrize("repre", ["max", "sum"])
-def test_latent_selection_is_one_selection_per_row_for_every_head(repre):
+def test_latent_selection_is_one_selection_per_row_for_every_head(repre, weight):
     kv_b, c_kv, k_rope, query = _inputs(dtype=torch.float32, seed=3)
-    weight = layer_hash_weight(_config(), 1, 1, LATENT + ROPE)
     w_uk = LAYOUT.key_up_projection(kv_b)
     codes = reference.encode(mla.latent_keys(c_kv, k_rope), weight)
     valid = torch.ones(2, 300, dtype=torch.bool)
@@ -77,3 +79,19 @@ def test_latent_selection_is_one_selection_per_row_for_every_head(repre):
     expected = reference.select_blocks(mla.absorb_query(query, w_uk, NOPE), codes, weight, valid, None, 16, 6,
                                        [0, -2, -1], repre, "per_head")
     assert torch.equal(blocks[:, :1], expected)
+
+
+def test_fixed_latent_weights_load_from_their_two_files(tmp_path):
+    from gsa_compile.errors import GSAConfigError
+    from gsa_compile.hashing import hash_weights, mla_hash_weights, save_hash_weights
+
+    latent, rope = hash_weights(1, LATENT, 512, seed=9), hash_weights(1, ROPE, 64, seed=10)
+    save_hash_weights({1: latent}, str(tmp_path / "latent.safetensors"))
+    save_hash_weights({1: rope}, str(tmp_path / "rope.safetensors"))
+    config = _config(hash_weight_type="fixed", hash_weight_kv_lora=str(tmp_path / "latent.safetensors"),
+                     hash_weight_qk_rope=str(tmp_path / "rope.safetensors"))
+    assert torch.equal(layer_hash_weight(config, 1, 1, LATENT + ROPE), mla_hash_weights(latent, rope))
+    # An expanded-key file (one weight per head over the nope dims) does not fit the latent route.
+    save_hash_weights({1: hash_weights(2, NOPE, 512)}, str(tmp_path / "latent.safetensors"))
+    with pytest.raises(GSAConfigError, match=r"hash_weight_kv_lora for layer 1 has shape \(2, 16, 512\).*\(1, 512, 512\)"):
+        layer_hash_weight(config, 1, 1, LATENT + ROPE)
