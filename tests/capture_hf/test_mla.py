@@ -149,3 +149,25 @@ def test_generate_with_static_cache_and_beams_equals_dense_at_full_budget(origin
     out = model.generate(prompt, **kwargs)
     assert torch.equal(out.sequences, original.generate(prompt, **kwargs).sequences)
     assert model.gsa_runtime.total_stats().sparse_calls > 0
+
+
+@pytest.mark.slow
+def test_static_generate_compiles_the_latent_selection_into_one_graph(original):
+    from torch._dynamo.utils import counters
+
+    from .test_compiled_decode import _auto_compile
+    from .test_compiled_decode import _prompt as padded_prompt
+
+    model = optimize_transformers(copy.deepcopy(original), _config(original, budget_tokens=2 * CHUNK))
+    ids, mask = padded_prompt()
+    options = dict(attention_mask=mask, max_new_tokens=9, do_sample=False, cache_implementation="static",
+                   return_dict_in_generate=True)
+    eager = model.generate(ids, disable_compile=True, **options)
+    model.gsa_runtime.reset_stats()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(ids, compile_config=_auto_compile(), **options)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1, "the decode step recompiled"
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert model.gsa_runtime.total_stats().sparse_calls == 3 * 8
