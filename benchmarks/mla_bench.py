@@ -207,6 +207,8 @@ def shape_rows(args, timer: Timer, bandwidth: float, batch: int, num_keys: int, 
         if select is not None:
             row["select_ms"] = timer.best_ms(select)["ms"]
             row["attend_ms"] = attend_ms
+        if version == "gsa latent":  # the query's absorption through W_UK, inside select_ms
+            row["absorb_ms"] = timer.best_ms(lambda: mla.absorb_query(query, w_uk, layout.nope_dim))["ms"]
         rows.append(row)
     dense_ms = min(row["ms"] for row in rows if row["version"].startswith("dense"))
     for row in rows:
