@@ -171,3 +171,12 @@ def test_static_generate_compiles_the_latent_selection_into_one_graph(original):
     assert counters["stats"]["unique_graphs"] == 1, "the decode step recompiled"
     assert torch.equal(compiled.sequences, eager.sequences)
     assert model.gsa_runtime.total_stats().sparse_calls == 3 * 8
+
+
+def test_tensor_parallel_shards_keep_expanded_keys(original):
+    from gsa_compile.sharding import HeadShard
+
+    module = original.model.layers[1].self_attn
+    layout, why = latent_layout(module, _config(original), HeadShard(0, HEADS // 2, HEADS))
+    assert layout is None and "tensor parallelism" in why
+    assert latent_layout(module, _config(original))[0] is not None
