@@ -89,16 +89,18 @@ def sparse_attention(
     valid: Optional[Tensor] = None,
     attn_bias: Optional[Tensor] = None,
     softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """[B, Hq, 1, Dv]: exact attention of each query head over the valid tokens of its KV
     head's selected blocks. Each row of blocks lists distinct block ids, then -1 padding (what
-    select_blocks returns); other values are refused."""
-    check.check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size)
+    select_blocks returns); other values are refused. sinks (float [Hq]): a logit per query head
+    whose exp joins the softmax denominator (attention sinks, as gpt-oss)."""
+    check.check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sinks)
     check.check_scale_softcap(scale, softcap)
     # The op itself checks CPU block ids (free there); other devices are checked here, once.
     if blocks.device.type != "cpu" and _values_readable(blocks):
         check.check_block_values(blocks, common.ceil_div(key.shape[2], chunk_size))
-    return ops.sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap)
+    return ops.sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap, sinks)
 
 
 def gsa_attention(

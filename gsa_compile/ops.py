@@ -80,10 +80,14 @@ def _check_limit(limit: Optional[Tensor], batch: int) -> None:
 def _sparse_attention(
     query: Tensor, key: Tensor, value: Tensor, blocks: Tensor, valid: Optional[Tensor],
     attn_bias: Optional[Tensor], chunk_size: int, scale: Optional[float], softcap: Optional[float],
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
-    check.check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size)
+    """sinks: optional float [Hq], a sink logit per query head whose exp joins the softmax
+    denominator (the keys' weights then sum to less than 1)."""
+    check.check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sinks)
     return kernels.dispatch(
-        "sparse_attention", query.device.type, query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap
+        "sparse_attention", query.device.type, query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap,
+        sinks,
     ).contiguous()
 
 
@@ -91,8 +95,8 @@ sparse_attention_op = torch.library.custom_op("gsa::sparse_attention", mutates_a
 
 
 @sparse_attention_op.register_fake
-def _sparse_attention_fake(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap):
-    check.check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size)
+def _sparse_attention_fake(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap, sinks=None):
+    check.check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sinks)
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 

@@ -10,8 +10,10 @@ a call is kept on the model, so threads and copies of a model never see each oth
 
 Per call, in this order (the first that applies wins):
 - dense layer, prefill (more than one query token), training with dropout, or a feature the
-  sparse path does not implement (attention weights asked for, sliding window, sinks, position
-  bias, a non-tensor mask): the original function runs unchanged (sdpa or the model's own eager);
+  sparse path does not implement (attention weights asked for, sliding window, position bias,
+  per-token sinks, a non-tensor mask): the original function runs unchanged (sdpa or the model's
+  own eager); attention sinks of one logit per query head (`s_aux`, gpt-oss and others) are
+  added exactly by the sparse path;
 - the step's plan says dense (thresholds, decided once per step): the original function too,
   or, when the decision was made on the device, the sparse kernels over every filled block;
 - a selecting layer: gsa::select_blocks over the cache's codes, then gsa::sparse_attention;
@@ -47,6 +49,9 @@ SUPPORTED_ORIGINALS = ("sdpa", "eager")
 DENSE_ONLY_KWARGS = (
     "sliding_window", "s_aux", "sinks", "position_bias", "head_mask", "indices", "block_indices",
 )
+# Attention sinks (a logit per query head joining the softmax denominator), under the names
+# models pass them: the HF route's sparse path adds them exactly (gsa::sparse_attention's sinks).
+SINK_KWARGS = ("s_aux", "sinks")
 
 # The keyword argument that carries a forward pass's DecodeStep down to the attention calls.
 STEP_KWARG = "gsa_step"
@@ -147,7 +152,7 @@ def gsa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
 
     step.selections[site.layer] = blocks
     out = ops.sparse_attention(query, key, value, blocks, plan.valid, plan.bias, options["chunk_size"], scaling,
-                               kwargs.get("softcap"))
+                               kwargs.get("softcap"), _sinks(kwargs))
     _count_sparse(site, step, plan, blocks, key, value, options["chunk_size"])
     return out.transpose(1, 2).contiguous(), None
 
@@ -187,6 +192,19 @@ def _selection(site: GSASite, module, step: DecodeStep, plan: decode.DecodePlan,
     return None, blocks
 
 
+def _sinks(kwargs) -> Optional[torch.Tensor]:
+    """The call's sink logits [Hq] (plain_attention_reason has let only that shape through)."""
+    return next((kwargs[name] for name in SINK_KWARGS if kwargs.get(name) is not None), None)
+
+
+def _sink_reason(name: str, sinks, query) -> Optional[str]:
+    """Why the sparse path cannot add these sinks (it takes one float logit per query head)."""
+    if isinstance(sinks, torch.Tensor) and sinks.is_floating_point() and tuple(sinks.shape) == (query.shape[1],):
+        return None
+    shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+    return f"{name} of shape {shape} (the sparse path adds one sink logit per query head, [{query.shape[1]}])"
+
+
 def _decode_mask(attention_mask, query, num_keys: int) -> Optional[torch.Tensor]:
     """The mask row of a single-query call as [B, 1 or Hq, 1, L] (a tensor mask only)."""
     if not isinstance(attention_mask, torch.Tensor) or query.shape[2] != 1:
@@ -194,10 +212,11 @@ def _decode_mask(attention_mask, query, num_keys: int) -> Optional[torch.Tensor]
     return common.mask_to_4d(attention_mask)[..., -1:, :num_keys]
 
 
-def plain_attention_reason(site, module, attention_mask, dropout, kwargs) -> Optional[tuple[str, str]]:
+def plain_attention_reason(site, module, attention_mask, dropout, kwargs, query=None) -> Optional[tuple[str, str]]:
     """(decode.DENSE_REASONS key, what exactly) when a layer's call must be the model's own
     attention whatever its inputs' length (policy, or a feature the sparse path does not
-    implement), else None. The HF route and the ONNX export share these rules."""
+    implement), else None. The HF route and the ONNX export share these rules; given the call's
+    `query`, attention sinks of one logit per query head are implemented (the HF route)."""
     if site.policy == "dense":
         return "dense_layer", "dense layer"
     if module.training and dropout:
@@ -205,8 +224,14 @@ def plain_attention_reason(site, module, attention_mask, dropout, kwargs) -> Opt
     if kwargs.get("output_attentions"):
         return "attention_weights", "attention weights requested"
     for name in DENSE_ONLY_KWARGS:
-        if kwargs.get(name) is not None:
-            return "unsupported_kwarg", f"{name} is not implemented by the sparse path"
+        if kwargs.get(name) is None:
+            continue
+        if name in SINK_KWARGS and query is not None:
+            why = _sink_reason(name, kwargs[name], query)
+            if why is None:
+                continue
+            return "unsupported_kwarg", why
+        return "unsupported_kwarg", f"{name} is not implemented by the sparse path"
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         return "mask_type", f"mask of type {type(attention_mask).__name__}"
     return None
@@ -218,7 +243,7 @@ def _call_dense_reason(site, module, query, attention_mask, dropout, kwargs, ste
         return "dense_layer"
     if query.shape[2] != 1:
         return "prefill"
-    plain = plain_attention_reason(site, module, attention_mask, dropout, kwargs)
+    plain = plain_attention_reason(site, module, attention_mask, dropout, kwargs, query)
     if plain is not None:
         if plain[0] == "unsupported_kwarg":
             _log_once(site, plain[1], "GSA layer %d runs dense: %s", site.layer, plain[1])

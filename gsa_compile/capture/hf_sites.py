@@ -441,8 +441,6 @@ def is_sliding(module: nn.Module, config=None) -> bool:
 def model_policy_note(module: nn.Module) -> str:
     """Why the model's own attention semantics keep this layer dense ("" when nothing does):
     what the sparse path does not compute exactly."""
-    if isinstance(getattr(module, "sinks", None), torch.Tensor):
-        return "attention sinks (s_aux): the sparse path does not add the sink term; kept dense"
     if getattr(module, "indexer", None) is not None:
         return "the model selects its keys with its own indexer (sparse attention already); kept dense"
     return ""
@@ -457,7 +455,7 @@ def effective_policies(
     config: GSAConfig, modules: dict[int, nn.Module], model_config=None
 ) -> dict[int, tuple[str, str]]:
     """layer -> (policy, note): the config's policy, with layers the model keeps dense
-    (sliding windows, sinks, the model's own key selection) dense, and a reuse of a layer that
+    (sliding windows, the model's own key selection) dense, and a reuse of a layer that
     ended up dense (or is no attention layer) turned into a layer computing its own selection."""
     result: dict[int, tuple[str, str]] = {}
     for layer in sorted(modules):

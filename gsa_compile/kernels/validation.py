@@ -254,8 +254,23 @@ def check_scale_softcap(scale, softcap) -> None:
     )
 
 
-def check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size: int) -> None:
+def check_sinks(sinks, query: torch.Tensor) -> None:
+    """Attention sinks: one logit per query head (float [Hq]) whose exp joins each softmax
+    denominator, as transformers' `s_aux` / `sinks` (gpt-oss and others)."""
+    if sinks is None:
+        return
+    check_tensor("sinks", sinks)
+    _require(
+        sinks.dtype in FLOAT_DTYPES and tuple(sinks.shape) == (query.shape[1],),
+        f"sinks must be a float [Hq] = [{query.shape[1]}] tensor (one sink logit per query head), got "
+        f"{sinks.dtype} {tuple(sinks.shape)}",
+    )
+    _require(sinks.device == query.device, f"sinks must be on the query's device {query.device}, got {sinks.device}")
+
+
+def check_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size: int, sinks=None) -> None:
     check_attention_inputs(query, key, value)
+    check_sinks(sinks, query)
     check_query_keys(query, key.shape[1], key.shape[2], "sparse_attention")
     _require(
         isinstance(blocks, torch.Tensor) and blocks.dtype in (torch.int32, torch.int64) and blocks.dim() == 3

@@ -27,7 +27,7 @@ SAMPLE = {
     "llama": ("pass", ""),
     "qwen3_next": ("pass", ""),  # full attention every 4th layer, beside DeltaNet layers
     "bart": ("pass", ""),  # decoder with cross-attention
-    "gpt_oss": ("dense", "attention sinks"),
+    "gpt_oss": ("pass", ""),  # attention sinks, added by the sparse path
     "deepseek_v32": ("dense", "own indexer"),
     "bloom": ("refused", "AttentionInterface"),
 }

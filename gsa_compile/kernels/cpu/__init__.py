@@ -95,17 +95,27 @@ def gather_selected(key, value, blocks, valid, attn_bias, chunk_size):
     return keys, values, allowed.unsqueeze(2), bias
 
 
-def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap):
+def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap, sinks=None):
     keys, values, allowed, bias = gather_selected(key, value, blocks, valid, attn_bias, chunk_size)
     batch, q_heads, _, dim = query.shape
     kv_heads = key.shape[1]
+    groups = q_heads // kv_heads
     if softcap is not None or query.dtype == torch.float64:
         if bias is not None:
-            bias = bias.expand(-1, -1, q_heads // kv_heads, -1).reshape(batch, q_heads, 1, -1)
-        return masked_attention(query, keys, values, allowed, bias, scale, softcap)
+            bias = bias.expand(-1, -1, groups, -1).reshape(batch, q_heads, 1, -1)
+        return masked_attention(query, keys, values, allowed, bias, scale, softcap, sinks)
     # One fused SDPA call: the G query heads of a KV head are its G query rows.
     mask = allowed if bias is None else bias.to(query.dtype).masked_fill(~allowed, float("-inf"))
-    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+    if sinks is not None:
+        # A sink is one more slot per row: a zero key (logit 0) whose mask entry is the head's
+        # sink logit and whose value is zero, so exp(sink) joins the denominator exactly.
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill(~mask, float("-inf"))
+        sink = sinks.to(query.dtype).reshape(1, kv_heads, groups, 1).expand(batch, -1, -1, -1)
+        mask = torch.cat([mask.expand(-1, -1, groups, -1), sink], dim=-1)
+        keys = torch.nn.functional.pad(keys, (0, 0, 0, 1))
+        values = torch.nn.functional.pad(values, (0, 0, 0, 1))
+    grouped = query.reshape(batch, kv_heads, groups, dim)
     out = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
     # SDPA keeps a NaN query's row NaN (as the spec says) even where no token is allowed; such
     # a row gives zeros.

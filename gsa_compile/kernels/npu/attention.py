@@ -12,7 +12,8 @@ Slots of -1 blocks, tokens past the cache and masked keys are hidden by FIA's at
 = masked). An attention bias goes through pse_shift; FIA's documentation does not say whether
 pse_shift is added before or after the scale, so the scale is then applied to the query and FIA
 runs with scale 1, where both readings agree. Pairs or heads left with no key return zeros, as
-in the reference, whatever FIA computes for a fully masked row."""
+in the reference, whatever FIA computes for a fully masked row. Attention sinks scale FIA's output
+by sigmoid(lse - sink), from the log-sum-exp FIA returns with softmax_lse_flag."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ MAX_PAGE = 512
 INT32_ELEMENTS = 2 ** 31  # a paged key or value tensor must have fewer elements than this
 
 
-def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap) -> torch.Tensor:
+def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap, sinks=None) -> torch.Tensor:
     batch, q_heads, _, dim = query.shape
     kv_heads, num_keys = key.shape[1], key.shape[2]
     groups, pairs = q_heads // kv_heads, batch * kv_heads
@@ -49,7 +50,7 @@ def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sc
     if attn_bias is not None:
         bias = _selected_bias(attn_bias, tokens, groups).to(query.dtype)
         q, scale = q * scale, 1.0
-    out, _ = torch_npu().npu_fused_infer_attention_score(
+    out, lse = torch_npu().npu_fused_infer_attention_score(
         q.contiguous(), key_pages, value_pages,
         pse_shift=bias,
         atten_mask=~allowed.view(pairs, 1, 1, span),
@@ -60,7 +61,12 @@ def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sc
         scale=scale,
         input_layout="BNSD",
         block_size=chunk_size,
+        softmax_lse_flag=sinks is not None,
     )
+    if sinks is not None:
+        # With a sink logit s the weights are FIA's times e^lse / (e^lse + e^s) = sigmoid(lse - s).
+        sink = sinks.to(torch.float32).view(1, kv_heads, groups).expand(batch, -1, -1).reshape(pairs, groups, 1, 1)
+        out = (out.to(torch.float32) * torch.sigmoid(lse.view(pairs, groups, 1, 1) - sink)).to(out.dtype)
     attended = allowed.view(pairs, 1, span)
     if bias is not None:
         attended = attended & (bias.view(pairs, groups, span) > float("-inf"))
@@ -106,7 +112,8 @@ def _selected_bias(attn_bias: torch.Tensor, tokens: torch.Tensor, groups: int) -
     return per_head.gather(-1, index).view(batch * kv_heads, groups, 1, span)
 
 
-def supports_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap) -> Optional[str]:
+def supports_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap,
+                              sinks=None) -> Optional[str]:
     groups = query.shape[1] // key.shape[1]
     span = blocks.shape[-1] * chunk_size
     checks = (

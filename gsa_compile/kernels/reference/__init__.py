@@ -151,11 +151,14 @@ def selected_token_mask(blocks: torch.Tensor, chunk_size: int, num_keys: int) ->
 
 
 def masked_attention(
-    query, key, value, allowed, bias, scale: Optional[float], softcap: Optional[float]
+    query, key, value, allowed, bias, scale: Optional[float], softcap: Optional[float],
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Exact softmax attention; allowed [B, Hkv|1, T|1, L] bool, bias broadcastable to
     [B, Hq, T, L]. Non-finite inputs propagate as in SDPA, except that keys and values no query
-    of a row may attend are not read; a row with no attendable key returns zeros (as SDPA)."""
+    of a row may attend are not read; a row with no attendable key returns zeros (as SDPA).
+    sinks [Hq]: a logit per query head that joins each row's softmax with a zero value (the
+    weights over the keys then sum to less than 1), as transformers' eager attention with sinks."""
     batch, q_heads, queries, dim = query.shape
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
@@ -177,17 +180,23 @@ def masked_attention(
         value = value.masked_fill(~allowed.any(dim=2).unsqueeze(-1), 0.0)
     # softmax of a row of -inf is NaN; SDPA gives zeros there. A NaN logit (a NaN query or an
     # attended NaN key) keeps the row NaN, as in SDPA.
-    empty = (logits == float("-inf")).all(dim=-1, keepdim=True)
-    weights = torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)
+    if sinks is not None:
+        # The sink is one more logit of each row; its (zero) value adds nothing to the output.
+        sink = sinks.to(device=logits.device, dtype=dtype).reshape(1, kv_heads, groups, 1, 1)
+        logits = torch.cat([logits, sink.expand(*logits.shape[:-1], 1)], dim=-1)
+        weights = torch.softmax(logits, dim=-1)[..., :-1]
+    else:
+        empty = (logits == float("-inf")).all(dim=-1, keepdim=True)
+        weights = torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)
     out = torch.einsum("bhgtl,bhlv->bhgtv", weights, value)
     return out.reshape(batch, q_heads, queries, value.shape[-1]).to(query.dtype)
 
 
-def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap) -> torch.Tensor:
+def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap, sinks=None) -> torch.Tensor:
     allowed = selected_token_mask(blocks, chunk_size, key.shape[2]).unsqueeze(2)
     if valid is not None:
         allowed = allowed & valid[:, None, None, :]
-    return masked_attention(query, key, value, allowed, attn_bias, scale, softcap)
+    return masked_attention(query, key, value, allowed, attn_bias, scale, softcap, sinks)
 
 
 def dense_attention(query, key, value, attn_mask, is_causal: bool, scale, softcap) -> torch.Tensor:

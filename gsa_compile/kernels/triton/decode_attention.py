@@ -7,8 +7,9 @@ entries >= 0 (on the device) and loops over its share of those only: one compile
 no host read (it replays in a CUDA graph). The G query heads of the GQA group ride together as the rows of one matrix product, so each
 selected K/V tile is read from memory once for the whole group. Every program keeps an online
 softmax (running max, sum, weighted V) and writes it as a partial; a merge kernel combines the
-partials of a row (a program with no block writes an empty partial). Invalid tokens are masked
-loads, which move no bytes."""
+partials of a row (a program with no block writes an empty partial) and adds an attention sink's
+exp(sink) to the denominator where one is given. Invalid tokens are masked loads, which move no
+bytes."""
 
 from __future__ import annotations
 
@@ -129,10 +130,10 @@ def _sparse_decode_split_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    acc_ptr, max_ptr, sum_ptr, out_ptr, q_heads, num_splits,
+    acc_ptr, max_ptr, sum_ptr, sinks_ptr, out_ptr, q_heads, num_splits,
     so_b, so_h, so_d,
     GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // q_heads
@@ -148,8 +149,14 @@ def _merge_splits_kernel(
     accs = tl.load(acc_ptr + part[:, None] * BLOCK_DV + dims_v[None, :],
                    mask=split_ok[:, None] & (dims_v[None, :] < DIM_V), other=0.0)
     top = tl.max(maxes, axis=0)
+    if HAS_SINKS:
+        # The head's sink logit joins the denominator (with no value): the shift covers it too.
+        sink = tl.load(sinks_ptr + head).to(tl.float32)
+        top = tl.maximum(top, sink)
     weights = tl.where(maxes == float("-inf"), 0.0, tl.exp(maxes - tl.where(top == float("-inf"), 0.0, top)))
     total = tl.sum(weights * sums, axis=0)
+    if HAS_SINKS:
+        total += tl.exp(sink - top)
     # A head with no attendable key returns zeros, as the reference does.
     out = tl.sum(weights[:, None] * accs, axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * so_b + head * so_h + dims_v * so_d, out.to(out_ptr.dtype.element_ty), mask=dims_v < DIM_V)
@@ -171,7 +178,7 @@ def tile_config(chunk_size: int, dim: int, dim_v: int) -> tuple[int, int, int]:
     return block_n, 4 if widest <= 128 else 8, 2
 
 
-def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap) -> torch.Tensor:
+def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap, sinks=None) -> torch.Tensor:
     batch, q_heads, _, dim = query.shape
     kv_heads, num_keys, dim_v = key.shape[1], key.shape[2], value.shape[-1]
     groups = q_heads // kv_heads
@@ -208,17 +215,19 @@ def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, sc
         num_warps=num_warps,
     )
     _merge_splits_kernel[(batch * q_heads,)](
-        acc, maxes, sums, out, q_heads, splits, out.stride(0), out.stride(1), out.stride(3),
+        acc, maxes, sums, sinks.contiguous() if sinks is not None else maxes, out, q_heads, splits,
+        out.stride(0), out.stride(1), out.stride(3),
         GROUPS=groups, BLOCK_G=block_g, DIM_V=dim_v, BLOCK_DV=block_dv,
-        BLOCK_S=max(2, runtime.next_power_of_2(splits)),
+        BLOCK_S=max(2, runtime.next_power_of_2(splits)), HAS_SINKS=sinks is not None,
     )
     return out
 
 
-def sparse_attention_supports(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap) -> Optional[str]:
+def sparse_attention_supports(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap,
+                              sinks=None) -> Optional[str]:
     groups = query.shape[1] // key.shape[1]
     return runtime.first_reason(
-        runtime.device_reason(query, key, value, blocks, valid, attn_bias),
+        runtime.device_reason(query, key, value, blocks, valid, attn_bias, sinks),
         runtime.dtype_reason("query", query),
         runtime.head_dim_reason("key head dim", key.shape[-1]),
         runtime.head_dim_reason("value head dim", value.shape[-1]),
