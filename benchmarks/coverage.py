@@ -1,31 +1,36 @@
-"""Coverage of the Hugging Face route over every causal LM of the installed transformers.
+"""Coverage of `gsa_compile.optimize` over every causal LM of the installed transformers.
 
     python benchmarks/coverage.py                       # every architecture (incremental JSON)
     python benchmarks/coverage.py --sample 10           # 10 architectures spread over the list
     python benchmarks/coverage.py --only llama,bloom    # these, merged into the existing JSON
+    python benchmarks/coverage.py --workers 2           # two architectures at a time
     python benchmarks/coverage.py --table-only          # docs/coverage.md from the JSON files
 
 Each architecture of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES is built from a tiny random config
 (hidden 64, 3 layers or the fewest that hold a full-attention layer, 4 query / 2 KV heads, vocab
-128, fp32) in a forked process with a timeout, then:
+128, fp32) in a forked process with a timeout, then optimized with `gsa_compile.optimize`, which
+serves it through the Hugging Face route (the attention interface) or, when its attention
+modules do not call transformers' AttentionInterface, the FX route (the "gsa" torch.compile
+backend, with Inductor by default); the "route" column says which:
 
-1. full budget (ratio 0.999 on every layer, thresholds 0, chunk 16): `optimize_transformers`
-   and greedy `generate` must give the tokens the original model gives;
+1. full budget (ratio 0.999 on every layer, thresholds 0, chunk 16): greedy `generate` must give
+   the tokens the original model gives;
 2. small budget (32 tokens, must-select [0, -1]) on a longer prompt: the sparse path must run
-   (site.stats.sparse_calls > 0), unless every site is dense for a reason the report or the
-   site's dense_reasons state; a site reported sparse that made no sparse call and gave no
-   reason is "silently dense", a failure.
+   (HF: site.stats.sparse_calls > 0; FX: select_blocks calls at the kernel dispatcher > 0),
+   unless every site is dense for a reason the report or the site's dense_reasons state; a site
+   reported sparse that made no sparse call and gave no reason is "silently dense", a failure.
 
-Outcomes: pass, dense (a stated policy reason), refused (the model does not route attention
-through transformers' AttentionInterface), fail, timeout; not counted: no_attention (no
-attention layer at all) and unbuildable (the tiny config or model cannot be built here).
+Outcomes: pass, dense (a stated policy reason), refused (an optimize error naming what the
+model lacks), fail, timeout; not counted: no_attention (no attention layer at all) and
+unbuildable (the tiny config or model cannot be built here).
 Writes benchmarks/results/coverage_hf.json after every architecture and docs/coverage.md at the
-end (with the FX route's benchmarks/results/coverage_fx.json beside it when that file exists).
+end (with the FX sweep's benchmarks/results/coverage_fx.json beside it when that file exists).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import json
 import logging
@@ -54,6 +59,8 @@ NEW_TOKENS = 6
 CHUNK = 16
 FULL_RATIO = 0.999
 SMALL_BUDGET = 32
+# What the FX route hands the rewritten graph to: optimize()'s default.
+FX_COMPILER = "inductor"
 
 # Sizes applied to every config that has the attribute (names or attribute_map aliases).
 TINY = dict(
@@ -170,10 +177,12 @@ def _attribute(config, name: str):
 def has_full_attention_layer(model) -> bool:
     """Whether some attention module of the model is neither cross-attention nor sliding-window
     (a hybrid of 3 layers may hold only linear-attention or sliding layers)."""
-    from gsa_compile.capture.hf_sites import attention_modules, is_sliding
+    from gsa_compile.capture.hf_sites import discover, is_sliding
 
     try:
-        return any(not is_sliding(module) for _, module in attention_modules(model))
+        found = discover(model)
+        # Modules that compute attention themselves (the FX route's models) are full attention.
+        return bool(found.not_routed) or any(not is_sliding(module) for _, module in found.self_attention)
     except Exception:  # discovery itself fails on this model: the check reports it
         return True
 
@@ -245,9 +254,12 @@ def _stated_reasons(site: dict) -> list[str]:
     return reasons + [DENSE_REASONS.get(reason, reason) for reason in counted]
 
 
-def check_hf(model_type: str, class_name: str) -> dict:
-    """One architecture through the HF route (see the module docstring)."""
-    from gsa_compile.capture.hf import optimize_transformers
+def check_model(model_type: str, class_name: str, fx_compiler: str = FX_COMPILER) -> dict:
+    """One architecture through `gsa_compile.optimize` (see the module docstring); "route" says
+    which route served it: "hf" (the attention interface) or "fx" (the torch.compile backend,
+    for models whose attention does not call the interface)."""
+    import gsa_compile
+    from gsa_compile.capture.hf import not_interface_reason
     from gsa_compile.capture.hf_sites import discover
     from gsa_compile.errors import GSAError
 
@@ -258,12 +270,14 @@ def check_hf(model_type: str, class_name: str) -> dict:
         return {**result, "status": "unbuildable", "reason": str(exc)}
     result["layers"] = int(getattr(original.config.get_text_config(), "num_hidden_layers", 0) or 0)
     found = discover(original)
-    if not found.self_attention:
-        try:
-            optimize_transformers(copy.deepcopy(original))
-        except GSAError as exc:  # the refusal, and its reason
-            status = "refused" if found.not_routed else "no_attention"
-            return {**result, "status": status, "stage": "optimize", "reason": f"{type(exc).__name__}: {_first_line(exc)}"}
+    if not found.self_attention and not found.not_routed:
+        return {**result, "status": "no_attention", "stage": "optimize",
+                "reason": "no attention module (state-space or recurrent layers)"}
+    fx_reason = not_interface_reason(original, found)
+    result["route"] = "fx" if fx_reason else "hf"
+    if fx_reason:
+        result["route_reason"] = fx_reason
+        return _check_fx(result, original, fx_compiler)
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, VOCAB, (1, PROMPT), generator=generator)
     long_prompt = torch.randint(3, VOCAB, (1, LONG_PROMPT), generator=generator)
@@ -274,13 +288,13 @@ def check_hf(model_type: str, class_name: str) -> dict:
     stage = "optimize"
     try:
         full, small = gsa_configs(original)
-        model = optimize_transformers(copy.deepcopy(original), full)
+        model = gsa_compile.optimize(copy.deepcopy(original), full)
         result["sites"] = model.gsa_report.counts()
         stage = "generate (full budget)"
         got = _generate(model, prompt, NEW_TOKENS)
         result["tokens_equal"] = bool(torch.equal(got, expected))
         stage = "generate (small budget)"
-        model = optimize_transformers(model, small)
+        model = gsa_compile.optimize(model, small)
         _generate(model, long_prompt, NEW_TOKENS)
     except GSAError as exc:
         refused = "AttentionInterface" in str(exc)
@@ -305,28 +319,86 @@ def check_hf(model_type: str, class_name: str) -> dict:
     return {**result, "status": "pass"}
 
 
+def _check_fx(result: dict, original, compiler: str) -> dict:
+    """The FX route's check, as the HF route's: `optimize` + greedy generate equal to the original
+    at full budget; at the small budget the sparse path must select blocks (select_blocks calls
+    counted at the kernel dispatcher, which every gsa op goes through)."""
+    import gsa_compile
+    from gsa_compile import kernels
+
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, VOCAB, (1, PROMPT), generator=generator)
+    long_prompt = torch.randint(3, VOCAB, (1, LONG_PROMPT), generator=generator)
+    try:
+        expected = _generate(original, prompt, NEW_TOKENS)
+    except Exception as exc:
+        return {**result, "status": "unbuildable", "reason": f"dense generate: {type(exc).__name__}: {_first_line(exc)}"}
+    calls: Counter = Counter()
+    dispatch = kernels.dispatch
+
+    def counted(op, *args, **kwargs):
+        calls[op] += 1
+        return dispatch(op, *args, **kwargs)
+
+    stage = "optimize"
+    kernels.dispatch = counted
+    try:
+        full, small = gsa_configs(original)
+        model = gsa_compile.optimize(copy.deepcopy(original), full, compiler=compiler)
+        stage = "generate (full budget)"
+        got = _generate(model, prompt, NEW_TOKENS)
+        result["tokens_equal"] = bool(torch.equal(got, expected))
+        result["sites"] = _fx_sites(model)
+        stage = "generate (small budget)"
+        model = gsa_compile.optimize(copy.deepcopy(original), small, compiler=compiler)
+        calls.clear()
+        _generate(model, long_prompt, NEW_TOKENS)
+    except Exception as exc:
+        return {**result, "status": "fail", "stage": stage, "reason": f"{type(exc).__name__}: {_first_line(exc)}",
+                "traceback": traceback.format_exc(limit=-4)}
+    finally:
+        kernels.dispatch = dispatch
+    result["sparse_calls"] = int(calls["select_blocks"])
+    unmatched = sorted({item.reason for report in model.gsa.reports for item in report.unmatched})
+    result["dense_reasons"] = unmatched
+    if not result["tokens_equal"]:
+        return {**result, "status": "fail", "reason": "greedy tokens differ from the original model at full budget"}
+    if not result["sites"]["sparse"]:
+        return {**result, "status": "fail", "reason": "the FX route found no sparse attention site: "
+                + ("; ".join(unmatched)[:300] or "no candidate")}
+    if result["sparse_calls"] == 0:
+        return {**result, "status": "fail", "reason": "silently dense: sparse sites made no select_blocks call"}
+    return {**result, "status": "pass"}
+
+
+def _fx_sites(model) -> dict:
+    """Site counts of the decode graph (the last the FX route compiled: generate's dynamic step)."""
+    reports = model.gsa.reports
+    return reports[-1].counts() if reports else {"sparse": 0, "dense": 0, "reuse": 0}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""
 
 
 # ---------------------------------------------------------------------- running
-def _child(model_type: str, class_name: str, connection) -> None:
+def _child(model_type: str, class_name: str, fx_compiler: str, connection) -> None:
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     try:
-        connection.send(check_hf(model_type, class_name))
+        connection.send(check_model(model_type, class_name, fx_compiler))
     except BaseException as exc:  # anything the check itself did not classify
         connection.send({"model_type": model_type, "class": class_name, "status": "fail",
                          "reason": f"{type(exc).__name__}: {_first_line(exc)}"})
     connection.close()
 
 
-def run_isolated(model_type: str, class_name: str, timeout: float) -> dict:
-    """check_hf in a forked process, so a hang or a crash costs one architecture."""
+def run_isolated(model_type: str, class_name: str, timeout: float, fx_compiler: str = FX_COMPILER) -> dict:
+    """check_model in a forked process, so a hang or a crash costs one architecture."""
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(model_type, class_name, sender), daemon=True)
+    process = context.Process(target=_child, args=(model_type, class_name, fx_compiler, sender), daemon=True)
     start = time.monotonic()
     process.start()
     sender.close()
@@ -367,10 +439,13 @@ def totals(results: dict) -> dict:
     counts = Counter(result["status"] for result in results.values())
     buildable = sum(counts[status] for status in STATUSES if status not in NOT_COUNTED)
     good = counts["pass"] + counts["dense"]
-    routed = buildable - counts["refused"]
+    by_route = {}
+    for result in results.values():
+        if result["status"] not in NOT_COUNTED:
+            by_route.setdefault(result.get("route", "-"), Counter())[result["status"]] += 1
     return {"architectures": len(results), "buildable": buildable, **{s: counts[s] for s in STATUSES},
             "pass_or_stated_dense_percent": _percent(good, buildable),
-            "routed_through_interface": routed, "routed_pass_or_stated_dense_percent": _percent(good, routed)}
+            "by_route": {route: dict(sorted(route_counts.items())) for route, route_counts in sorted(by_route.items())}}
 
 
 def _percent(part: int, whole: int) -> float:
@@ -386,6 +461,9 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", default=TABLE_MD, help="table to write ('' for none)")
     parser.add_argument("--fx", default=FX_JSON, help="the FX route's results, merged into the table if present")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from the JSON files, run nothing")
+    parser.add_argument("--workers", type=int, default=1, help="architectures checked at a time (one process each)")
+    parser.add_argument("--fx-compiler", default=FX_COMPILER, choices=("inductor", "aot_eager", "eager"),
+                        help="what the FX route hands its graphs to (optimize's default: inductor)")
     args = parser.parse_args(argv)
     if args.table_only:
         write_markdown(args.markdown, _load(args.json)["results"], _load(args.fx))
@@ -412,12 +490,18 @@ def main(argv=None) -> int:
 
     import gsa_compile.capture.hf  # noqa: F401  (imported once here: every forked check runs this code)
 
-    environment = {"torch": torch.__version__, "transformers": transformers.__version__}
-    progress = tqdm(items, unit="model", file=sys.stderr)
-    for model_type, class_name in progress:
-        progress.set_postfix_str(model_type)
-        results[model_type] = run_isolated(model_type, class_name, args.timeout)
-        write_json(args.json, {"environment": environment, "totals": totals(results), "results": results})
+    environment = {"torch": torch.__version__, "transformers": transformers.__version__,
+                   "fx_compiler": args.fx_compiler}
+    progress = tqdm(total=len(items), unit="model", file=sys.stderr)
+    # Threads only wait on the forked checks; results are merged and written here, one at a time.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        futures = {pool.submit(run_isolated, model_type, class_name, args.timeout, args.fx_compiler): model_type
+                   for model_type, class_name in items}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+            progress.set_postfix_str(futures[future])
+            progress.update()
+            write_json(args.json, {"environment": environment, "totals": totals(results), "results": results})
     summary = totals(results)
     print(json.dumps(summary, indent=2))
     if args.markdown:
@@ -446,17 +530,17 @@ def write_markdown(path: str, results: dict, fx: Optional[dict]) -> None:
         "| --- | --- | --- |",
         f"| pass | tokens equal at full budget, sparse calls at a small budget | {summary['pass']} |",
         f"| dense | tokens equal; every site dense for a stated reason (below) | {summary['dense']} |",
-        f"| refused | the model does not call transformers' AttentionInterface (the FX route serves it) "
-        f"| {summary['refused']} |",
+        f"| refused | optimize refuses the model, naming what it lacks | {summary['refused']} |",
         f"| fail | an error, tokens differ, or a site silently dense | {summary['fail']} |",
         f"| timeout | no result in the per-model time limit | {summary['timeout']} |",
         f"| no_attention | no attention layer at all (Mamba, xLSTM; not counted) | {summary['no_attention']} |",
         f"| unbuildable | the tiny model cannot be built here (not counted) | {summary['unbuildable']} |",
         "",
         f"Buildable: {summary['buildable']} of {summary['architectures']}; pass or dense by a stated reason: "
-        f"{summary['pass'] + summary['dense']} ({summary['pass_or_stated_dense_percent']}%); of the "
-        f"{summary['routed_through_interface']} whose attention goes through the AttentionInterface: "
-        f"{summary['routed_pass_or_stated_dense_percent']}%.",
+        f"{summary['pass'] + summary['dense']} ({summary['pass_or_stated_dense_percent']}%). By the route "
+        f"`optimize` took: " + "; ".join(
+            f"{ROUTE_NAMES.get(route, route)}: " + ", ".join(f"{status} {count}" for status, count in counts.items())
+            for route, counts in summary["by_route"].items()) + ".",
         "",
     ]
     fx_results = _fx_results(fx)
@@ -464,20 +548,21 @@ def write_markdown(path: str, results: dict, fx: Optional[dict]) -> None:
         fx_counts = Counter(result.get("status") for result in fx_results.values())
         fx_buildable = sum(count for status, count in fx_counts.items() if status not in NOT_COUNTED)
         lines += [
-            f"FX route (`torch.compile(model, backend=\"gsa\")`, from benchmarks/results/coverage_fx.json): "
+            f"FX sweep (`torch.compile(model, backend=\"gsa\")` on every architecture, prefill and one decode "
+            f"step against eager, from benchmarks/results/coverage_fx.json): "
             f"{len(fx_results)} of the {len(results)} architectures run; {fx_counts['pass']} of {fx_buildable} "
             f"buildable ones pass "
             f"({', '.join(f'{status} {count}' for status, count in sorted(fx_counts.items()))}).",
             "",
         ]
-    lines += ["## Not passing on the Hugging Face route, by reason", ""]
+    lines += ["## Not passing, by reason", ""]
     for (status, reason), model_types in sorted(failure_groups(results).items()):
         lines.append(f"- {status}: {reason}: {', '.join(sorted(model_types))}")
     lines += ["", "## Every architecture", ""]
-    header = ["model type", "class", "HF route", "HF note"] + (["FX route", "FX note"] if fx_results else [])
+    header = ["model type", "class", "route", "outcome", "note"] + (["FX sweep", "FX note"] if fx_results else [])
     rows = []
     for model_type, result in sorted(results.items()):
-        row = [model_type, result.get("class", ""), result["status"], _note(result)]
+        row = [model_type, result.get("class", ""), result.get("route", "-"), result["status"], _note(result)]
         if fx_results:
             fx_result = fx_results.get(model_type, {})
             row += [fx_result.get("status", "-"), _note(fx_result)]
@@ -486,6 +571,9 @@ def write_markdown(path: str, results: dict, fx: Optional[dict]) -> None:
     lines += ["| " + " | ".join(str(cell).replace("|", "/") for cell in row) + " |" for row in rows]
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+ROUTE_NAMES = {"hf": "Hugging Face route", "fx": "FX route (attention not through the AttentionInterface)"}
 
 
 def _fx_results(fx: Optional[dict]) -> dict:

@@ -69,6 +69,8 @@ class GSAHandle:
     config: Optional[GSAConfig]
     reports: list = field(default_factory=list)
     codes: CodesState = field(default_factory=CodesState)
+    # Why a transformers model is served by this route rather than the Hugging Face one ("" for other modules).
+    route_reason: str = ""
     _model: Any = field(default=None, repr=False)
 
     def release(self) -> None:
@@ -87,7 +89,9 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
     """Make `model` use GSA attention, used exactly like before.
 
     transformers models go through the Hugging Face attention route
-    (gsa_compile.capture.hf.optimize_transformers). Any other nn.Module is compiled in place
+    (gsa_compile.capture.hf.optimize_transformers), except those whose attention modules do not
+    call transformers' AttentionInterface (Bloom, MPT, Falcon, ...): they are compiled like any
+    other module, with the reason logged and kept as `model.gsa.route_reason`. Any other nn.Module is compiled in place
     (nn.Module.compile) with the "gsa" torch.compile backend, which rewrites its attention and
     hands the graph to `compiler` ("inductor", "aot_eager" or "eager"), with torch.compile's
     `mode` ("reduce-overhead": CUDA graphs, for decode steps over static caches); the same object
@@ -96,15 +100,19 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
     of attention sites the graph holds). tensor_parallel: (rank, size) for a plain module built
     with this rank's share of the heads (see the backend's option; transformers models and
     DTensor-sharded modules need none)."""
+    route_reason = ""
     if _is_transformers_model(model):
-        from .capture.hf import optimize_transformers
+        from .capture.hf import not_interface_reason, optimize_transformers
 
         if tensor_parallel is not None:
             raise GSAConfigError(
                 "tensor_parallel is for plain modules built with local heads: a transformers model's sites read "
                 "their heads from its sharded (tp_plan) weights"
             )
-        return optimize_transformers(model, config)
+        route_reason = not_interface_reason(model) or ""
+        if not route_reason:
+            return optimize_transformers(model, config)
+        logger.warning("GSA: %s; compiling it with the FX route (the 'gsa' torch.compile backend) instead", route_reason)
     if not isinstance(model, torch.nn.Module):
         raise GSAInputError(f"optimize takes an nn.Module, got {type(model).__name__}")
     if compiler not in COMPILERS:
@@ -115,7 +123,7 @@ def optimize(model: torch.nn.Module, config: Any = None, *, compiler: str = "ind
     derived = resolved is None
     if derived:
         resolved = _derived_config(model)
-    handle = GSAHandle(config=resolved, _model=weakref.ref(model))
+    handle = GSAHandle(config=resolved, route_reason=route_reason, _model=weakref.ref(model))
     options = {"config": resolved, "config_derived": derived, "compiler": compiler, "reports": handle.reports,
                "parameter_names": parameter_names(model), "codes_state": handle.codes,
                "tensor_parallel": tensor_parallel}

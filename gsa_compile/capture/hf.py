@@ -62,11 +62,11 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
     found = discover(model)
     if not found.self_attention and not found.not_routed:
         raise GSAError(f"{model_name} has no attention module (its layers are state-space or recurrent): GSA has nothing to do")
-    if not found.self_attention:
-        listed = ", ".join(found.not_routed[:3]) + (", ..." if len(found.not_routed) > 3 else "")
+    not_served = not_interface_reason(model, found)
+    if not_served is not None:
         raise GSAError(
-            f"{model_name} has no self-attention module that calls transformers' AttentionInterface ({listed} "
-            f"compute attention themselves); compile it with the FX route instead: torch.compile(model, backend='gsa')"
+            f"{not_served}; gsa_compile.optimize(model) compiles it with the FX route instead (as "
+            f"torch.compile(model, backend='gsa') does)"
         )
     by_layer = {module.layer_idx: (path, module) for path, module in found.self_attention}
     if len(by_layer) != len(found.self_attention):
@@ -128,6 +128,18 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
     model.gsa_report = report
     logger.info("GSA on %s:\n%s", model_name, report.table())
     return model
+
+
+def not_interface_reason(model: nn.Module, found=None) -> Optional[str]:
+    """Why this route cannot serve the model: it has attention modules and none of them calls
+    transformers' AttentionInterface (they compute attention themselves; the FX route captures
+    that code). None when the route serves it, or when it has no attention module at all."""
+    found = discover(model) if found is None else found
+    if found.self_attention or not found.not_routed:
+        return None
+    listed = ", ".join(found.not_routed[:3]) + (", ..." if len(found.not_routed) > 3 else "")
+    return (f"{type(model).__name__} has no self-attention module that calls transformers' AttentionInterface "
+            f"({listed} compute attention themselves)")
 
 
 def restore_transformers(model: nn.Module, runtime: Optional[GSARuntime] = None) -> nn.Module:
