@@ -69,11 +69,6 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
             f"torch.compile(model, backend='gsa') does)"
         )
     by_layer = {module.layer_idx: (path, module) for path, module in found.self_attention}
-    if len(by_layer) != len(found.self_attention):
-        raise GSAError(
-            f"{model_name}: several self-attention modules share a layer_idx: {[p for p, _ in found.self_attention]}; "
-            f"a site keeps the codes of one cache layer, so each self-attention module must have its own"
-        )
     layers = sorted(by_layer)
     num_layers = model_layer_count(model, layers)
     config = _resolve_config(model, config, num_layers)
@@ -131,15 +126,23 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
 
 
 def not_interface_reason(model: nn.Module, found=None) -> Optional[str]:
-    """Why this route cannot serve the model: it has attention modules and none of them calls
-    transformers' AttentionInterface (they compute attention themselves; the FX route captures
-    that code). None when the route serves it, or when it has no attention module at all."""
+    """Why this route cannot serve the model, which the FX route may (it captures the model's own
+    code): no attention module calls transformers' AttentionInterface, or several self-attention
+    modules share a layer_idx (one module per cache layer is what a site keeps codes for; a
+    recurrent model runs its modules over several cache layers). None when the route serves it,
+    or when it has no attention module at all."""
     found = discover(model) if found is None else found
-    if found.self_attention or not found.not_routed:
-        return None
-    listed = ", ".join(found.not_routed[:3]) + (", ..." if len(found.not_routed) > 3 else "")
-    return (f"{type(model).__name__} has no self-attention module that calls transformers' AttentionInterface "
-            f"({listed} compute attention themselves)")
+    model_name = type(model).__name__
+    if not found.self_attention and found.not_routed:
+        listed = ", ".join(found.not_routed[:3]) + (", ..." if len(found.not_routed) > 3 else "")
+        return (f"{model_name} has no self-attention module that calls transformers' AttentionInterface "
+                f"({listed} compute attention themselves)")
+    layers = [module.layer_idx for _, module in found.self_attention]
+    if len(set(layers)) != len(layers):
+        shared = sorted({layer for layer in layers if layers.count(layer) > 1})
+        return (f"{model_name}: several self-attention modules share a layer_idx ({shared}); a site keeps the "
+                f"codes of one cache layer, so each self-attention module must have its own")
+    return None
 
 
 def restore_transformers(model: nn.Module, runtime: Optional[GSARuntime] = None) -> nn.Module:

@@ -117,3 +117,16 @@ def test_keys_repeated_after_the_cache_run_dense_with_the_reason():
 def test_models_outside_the_interface_refused_with_the_modules_named():
     with pytest.raises(GSAError, match=r"transformer\.h\.0\.self_attention.*FX route"):
         optimize_transformers(_tiny("bloom"))
+
+
+@pytest.mark.parametrize("model_type, why", [("bloom", "AttentionInterface"), ("hrm_text", "share a layer_idx")])
+def test_optimize_takes_the_fx_route_where_the_hf_route_cannot_serve(model_type, why, caplog):
+    import gsa_compile
+
+    with caplog.at_level("WARNING", logger="gsa_compile.api"):
+        model = gsa_compile.optimize(_tiny(model_type), compiler="eager")
+    assert why in model.gsa.route_reason
+    assert any("FX route" in record.getMessage() and why in record.getMessage() for record in caplog.records)
+    assert getattr(model, "gsa_runtime", None) is None
+    with pytest.raises(GSAError, match=why):
+        optimize_transformers(_tiny(model_type))
