@@ -40,7 +40,7 @@ DENSE_REASONS = {
     "unsupported_kwarg": "an attention argument the sparse path does not implement (see the log)",
     "mask_type": "a mask that is not a tensor (the sparse path takes tensor masks)",
     "no_codes": "no codes: the cache is not one GSA can extend (see the log) or no cache was passed",
-    "kv_heads_repeated": "keys reach attention with more heads than the cache encoded (repeated after the cache)",
+    "kv_heads_repeated": "keys reach attention with more heads than the cache encoded, in an order not proven here",
     "no_step": "the model did not pass GSA's per-call state down to its attention (see the log)",
     "reuse_source_dense": "the layer whose selection this layer reuses ran dense in this step",
 }

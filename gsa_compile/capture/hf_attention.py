@@ -38,7 +38,7 @@ from .. import decode, mla, ops
 from ..errors import GSAConfigError, GSAError
 from ..kernels import common
 from . import hf_mla
-from .hf_sites import SITE_ATTRIBUTE, GSARuntime, GSASite
+from .hf_sites import SITE_ATTRIBUTE, GSARuntime, GSASite, tiles_cached_heads
 
 logger = logging.getLogger(__name__)
 
@@ -132,16 +132,24 @@ def gsa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
         )
     step: Optional[DecodeStep] = kwargs.pop(STEP_KWARG, None) or getattr(_CURRENT, "step", None)
     reason = _call_dense_reason(site, module, query, attention_mask, dropout, kwargs, step)
+    tiles = 1
     if reason is None and site.policy != "dense" and key.shape[1] != site.shape.kv_heads:
-        reason = "kv_heads_repeated"  # e.g. JetMoE tiles its cached KV heads before attention
+        tiles = _tiles(module, key, site)
+        if tiles is None:
+            reason = "kv_heads_repeated"
     plan = None
     if reason is None:
         options = site.attention_kwargs(query.device.type)
         plan = step.plan(query, key.shape[2], attention_mask, options)
         if not plan.host_sparse and plan.dense != "device":
             reason = plan.dense
+    sparse_query, sparse_key, sparse_value, bias, sinks = query, key, value, None, _sinks(kwargs)
     if reason is None:
-        reason, blocks = _selection(site, module, step, plan, query, options)
+        bias = plan.bias
+        if tiles > 1:
+            sparse_query, sparse_key, sparse_value, bias, sinks = _untiled(
+                query, key, value, bias, sinks, site.shape.kv_heads, tiles)
+        reason, blocks = _selection(site, module, step, plan, sparse_query, options)
     if reason is not None:
         _count_dense(site, reason, query, key, value)
         if reason in FAST_DENSE_REASONS and site.runtime.original_implementation == "sdpa":
@@ -151,10 +159,42 @@ def gsa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
         return site.dense_fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     step.selections[site.layer] = blocks
-    out = ops.sparse_attention(query, key, value, blocks, plan.valid, plan.bias, options["chunk_size"], scaling,
-                               kwargs.get("softcap"), _sinks(kwargs))
-    _count_sparse(site, step, plan, blocks, key, value, options["chunk_size"])
+    out = ops.sparse_attention(sparse_query, sparse_key, sparse_value, blocks, plan.valid, bias, options["chunk_size"],
+                               scaling, kwargs.get("softcap"), sinks)
+    if tiles > 1:
+        out = _head_order(out, tiles, site.shape.kv_heads, inverse=True)
+    _count_sparse(site, step, plan, blocks, sparse_key, sparse_value, options["chunk_size"])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _tiles(module, key, site: GSASite) -> Optional[int]:
+    """How many times the module tiled its cached KV heads before attention (key head j is
+    cached head j % Hkv), or None where keys have more heads for a reason not proven here."""
+    kv_heads = site.shape.kv_heads
+    if key.shape[1] % kv_heads or not tiles_cached_heads(type(module)):
+        return None
+    return key.shape[1] // kv_heads
+
+
+def _head_order(x: Optional[torch.Tensor], tiles: int, kv_heads: int, inverse: bool = False):
+    """Heads [B, tiles * Hkv * G, ...] ordered tile-major (head i reads cached head (i // G) % Hkv)
+    -> KV-head-major (the G * tiles heads of cached head h together), or back with inverse."""
+    if x is None or x.shape[1] == 1:
+        return x
+    batch, heads = x.shape[0], x.shape[1]
+    groups = heads // (tiles * kv_heads)
+    outer, inner = (kv_heads, tiles) if inverse else (tiles, kv_heads)
+    split = x.reshape(batch, outer, inner, groups, *x.shape[2:])
+    return split.transpose(1, 2).reshape(x.shape)
+
+
+def _untiled(query, key, value, bias, sinks, kv_heads: int, tiles: int):
+    """A call over tiled KV heads as one over the cached heads: the first tile of K and V (the
+    cache itself) and the query heads (their bias and sinks) grouped by the cached head they read."""
+    if sinks is not None:
+        sinks = _head_order(sinks.view(1, -1), tiles, kv_heads).view(-1)
+    return (_head_order(query, tiles, kv_heads), key[:, :kv_heads], value[:, :kv_heads],
+            _head_order(bias, tiles, kv_heads), sinks)
 
 
 def _fast_dense_decode(query, key, value, attention_mask, scaling, kwargs) -> Optional[torch.Tensor]:

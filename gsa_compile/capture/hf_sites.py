@@ -288,6 +288,21 @@ def _passes_key_selection(module_class: type) -> bool:
     return re.search(r"\b(block_)?indices=", source) is not None
 
 
+def tiles_cached_heads(module_class: type) -> bool:
+    """Whether the class tiles its cached keys along the head axis before attention
+    (`key_states.repeat(1, r, 1, 1)`, JetMoE): key head j is then cached head j % Hkv."""
+    return _tiles_cached_heads(module_class)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiles_cached_heads(module_class: type) -> bool:
+    try:
+        source = inspect.getsource(module_class)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"key_states\s*=\s*key_states\.repeat\(\s*1\s*,", source) is not None
+
+
 def discover(model: nn.Module) -> Discovered:
     """Classify the attention modules of the decoder of `model` (in model order): a multimodal
     model's vision or audio encoders attend no cache and keep their attention."""

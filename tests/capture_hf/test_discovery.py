@@ -103,15 +103,30 @@ def test_model_key_selection_kept_on_the_dense_path():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_keys_repeated_after_the_cache_run_dense_with_the_reason():
-    original = _tiny("jetmoe")  # tiles its 2 cached KV heads to 4 after the cache
+def test_keys_tiled_after_the_cache_run_sparse_over_the_cached_heads():
+    original = _tiny("jetmoe")  # tiles its 2 cached KV heads to 4 after the cache (repeat, not repeat_interleave)
     model = _optimized(original)
     expected, _ = decode_logits(original, _prompt(), STEPS)
     got, _ = decode_logits(model, _prompt(), STEPS)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    reasons = model.gsa_runtime.total_stats().dense_reasons
-    assert reasons["kv_heads_repeated"] == STEPS * len(model.gsa_runtime.sites)
-    assert model.gsa_runtime.total_stats().sparse_calls == 0
+    stats = model.gsa_runtime.total_stats()
+    assert stats.sparse_calls == STEPS * len(model.gsa_runtime.sites) and not stats.dense_reasons.get("kv_heads_repeated")
+    # At a small budget the selection is per cached head: the query heads that read it share it.
+    small = _optimized(original, small=True)
+    small_logits, _ = decode_logits(small, _prompt(80), STEPS)
+    dense_logits, _ = decode_logits(original, _prompt(80), STEPS)
+    assert small.gsa_runtime.total_stats().sparse_calls > 0
+    assert not torch.allclose(small_logits, dense_logits, atol=1e-6)
+
+
+def test_head_order_round_trip_groups_query_heads_by_the_cached_head_they_read():
+    from gsa_compile.capture.hf_attention import _head_order
+
+    heads = torch.arange(12).view(1, 12, 1, 1).float()  # 2 tiles x 3 cached heads x 2 query heads each
+    grouped = _head_order(heads, tiles=2, kv_heads=3)
+    cached = (heads.view(-1).long() // 2) % 3  # the cached head each original query head reads
+    assert cached[grouped.view(-1).long()].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert torch.equal(_head_order(grouped, tiles=2, kv_heads=3, inverse=True), heads)
 
 
 def test_models_outside_the_interface_refused_with_the_modules_named():
