@@ -87,3 +87,11 @@ def test_the_op_takes_sinks_and_refuses_a_wrong_shape():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(GSAInputError, match=r"sinks must be a float \[Hq\] = \[6\]"):
         F.sparse_attention(query, key, value, blocks, chunk_size=CHUNK, valid=valid, sinks=sinks[:2])
+
+
+def test_the_op_with_sinks_passes_opcheck():
+    from gsa_compile import ops
+
+    query, key, value, valid, blocks, sinks = sink_case(6, dtype=torch.float32)
+    torch.library.opcheck(ops.sparse_attention, (query, key, value, blocks, valid, None, CHUNK, None, None, sinks),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
