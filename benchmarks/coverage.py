@@ -177,12 +177,10 @@ def _attribute(config, name: str):
 def has_full_attention_layer(model) -> bool:
     """Whether some attention module of the model is neither cross-attention nor sliding-window
     (a hybrid of 3 layers may hold only linear-attention or sliding layers)."""
-    from gsa_compile.capture.hf_sites import discover, is_sliding
+    from gsa_compile.capture.hf_sites import attention_modules, is_sliding
 
     try:
-        found = discover(model)
-        # Modules that compute attention themselves (the FX route's models) are full attention.
-        return bool(found.not_routed) or any(not is_sliding(module) for _, module in found.self_attention)
+        return any(not is_sliding(module) for _, module in attention_modules(model))
     except Exception:  # discovery itself fails on this model: the check reports it
         return True
 
@@ -194,7 +192,7 @@ def build(model_type: str, class_name: str):
     model_class = getattr(transformers, class_name, None)
     if model_class is None:
         raise Unbuildable(f"transformers has no class {class_name}")
-    model = None
+    model = smallest = None
     for layers in range(LAYERS, MAX_LAYERS + 1):
         try:
             config = tiny_config(model_type, model_class, layers)
@@ -202,8 +200,13 @@ def build(model_type: str, class_name: str):
             model = model_class(config).eval()
         except Exception as exc:  # a tiny config the family refuses
             raise Unbuildable(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        smallest = model if smallest is None else smallest
         if has_full_attention_layer(model):
             break
+    else:
+        # No layer count gives an interface attention layer: a model whose attention modules
+        # compute attention themselves (the FX route's), at the smallest size.
+        model = smallest
     generation = model.generation_config
     generation.eos_token_id, generation.pad_token_id, generation.bos_token_id = None, 0, 1
     return model
