@@ -362,6 +362,7 @@ def _check_fx(result: dict, original, compiler: str) -> dict:
     finally:
         kernels.dispatch = dispatch
     result["sparse_calls"] = int(calls["select_blocks"])
+    result["fx_compiler"] = compiler
     unmatched = sorted({item.reason for report in model.gsa.reports for item in report.unmatched})
     result["dense_reasons"] = unmatched
     if not result["tokens_equal"]:
@@ -565,7 +566,8 @@ def write_markdown(path: str, results: dict, fx: Optional[dict]) -> None:
     header = ["model type", "class", "route", "outcome", "note"] + (["FX sweep", "FX note"] if fx_results else [])
     rows = []
     for model_type, result in sorted(results.items()):
-        row = [model_type, result.get("class", ""), result.get("route", "-"), result["status"], _note(result)]
+        route = result.get("route", "-") + (f" ({result['fx_compiler']})" if result.get("fx_compiler") else "")
+        row = [model_type, result.get("class", ""), route, result["status"], _note(result)]
         if fx_results:
             fx_result = fx_results.get(model_type, {})
             row += [fx_result.get("status", "-"), _note(fx_result)]
