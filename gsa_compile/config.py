@@ -423,7 +423,7 @@ def _derive_from_transformers(obj: Any) -> Optional[dict]:
         config = config.get_text_config()
     # Encoder-decoder families decode (and cache) with their decoder's layers only.
     layers = config_attribute(config, "decoder_layers") or config_attribute(config, "num_hidden_layers")
-    heads = config_attribute(config, "num_attention_heads")
+    heads = config_attribute(config, "decoder_attention_heads") or config_attribute(config, "num_attention_heads")
     if layers is None or heads is None:
         raise GSAConfigError(
             f"cannot derive a GSA config from transformers config {type(config).__name__}: "
