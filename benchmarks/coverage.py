@@ -231,7 +231,7 @@ def _generate(model, prompt, new_tokens):
     with torch.no_grad():
         return model.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False,
+            do_sample=False, use_cache=True,  # decode over a KV cache, also where the config's default is off (MPT)
         )
 
 
