@@ -109,7 +109,10 @@ def translate_select_blocks(query, key_codes, weight, valid, key_norms, chunk_si
     )
 
 
-def translate_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap):
+def translate_sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap, sinks=None):
+    if sinks is not None:
+        raise GSAInputError("gsa::sparse_attention with attention sinks has no ONNX translation (gsa.SparseAttention "
+                             "takes no sinks); export the layer as the model's own attention")
     bias = _like(np.zeros((1, 1, 1, 1)), query) if attn_bias is None else op.CastLike(attn_bias, query)
     return gsa.SparseAttention(
         query, key, value, op.Cast(blocks, to=ir.DataType.INT32), _all_valid() if valid is None else valid, bias,

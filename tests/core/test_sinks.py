@@ -93,5 +93,5 @@ def test_the_op_with_sinks_passes_opcheck():
     from gsa_compile import ops
 
     query, key, value, valid, blocks, sinks = sink_case(6, dtype=torch.float32)
-    torch.library.opcheck(ops.sparse_attention, (query, key, value, blocks, valid, None, CHUNK, None, None, sinks),
+    torch.library.opcheck(ops.sparse_attention_op, (query, key, value, blocks, valid, None, CHUNK, None, None, sinks),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
