@@ -526,9 +526,11 @@ def write_markdown(path: str, results: dict, fx: Optional[dict]) -> None:
     lines += [
         "Every architecture of transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, built from a tiny "
         "random config (hidden 64, 3 layers or the fewest holding a full-attention layer, 4 query / 2 KV "
-        "heads, vocab 128, fp32). Hugging Face route: `optimize_transformers` at full budget (ratio 0.999, "
-        "thresholds 0, chunk 16) must give the greedy tokens of the original model, and at a 32-token "
-        "budget the sparse path must run. Regenerate with `python benchmarks/coverage.py`.",
+        "heads, vocab 128, fp32), optimized with `gsa_compile.optimize`: the Hugging Face route (hf) where the "
+        "model's attention calls transformers' AttentionInterface, else the FX route (fx, the `gsa` torch.compile "
+        "backend; the compiler in brackets). At full budget (ratio 0.999, thresholds 0, chunk 16) greedy "
+        "`generate` must give the tokens of the original model, and at a 32-token budget the sparse path must run "
+        "(hf: the sites' sparse calls, fx: select_blocks calls). Regenerate with `python benchmarks/coverage.py`.",
         "",
         "| outcome | meaning | architectures |",
         "| --- | --- | --- |",
@@ -578,7 +580,8 @@ def write_markdown(path: str, results: dict, fx: Optional[dict]) -> None:
         handle.write("\n".join(lines) + "\n")
 
 
-ROUTE_NAMES = {"hf": "Hugging Face route", "fx": "FX route (attention not through the AttentionInterface)"}
+ROUTE_NAMES = {"hf": "Hugging Face route", "fx": "FX route (models the Hugging Face route cannot serve)",
+               "-": "no result to say which"}
 
 
 def _fx_results(fx: Optional[dict]) -> dict:
