@@ -37,6 +37,7 @@ _SPELLINGS: dict[str, tuple] = {
     "add": (torch.add, operator.add, aten.add, "add", "__add__"),
     "sub": (torch.sub, torch.subtract, operator.sub, aten.sub, "sub", "__sub__"),
     "tanh": (torch.tanh, aten.tanh, "tanh"),
+    "compare": (operator.eq, operator.ne, torch.eq, torch.ne, aten.eq, aten.ne, "eq", "ne", "__eq__", "__ne__"),
     "masked_fill": (torch.masked_fill, aten.masked_fill, "masked_fill"),
     "where": (torch.where, aten.where, "where"),
     "logical_not": (torch.logical_not, operator.invert, aten.logical_not, aten.bitwise_not, "logical_not",

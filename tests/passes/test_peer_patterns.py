@@ -182,6 +182,19 @@ class RowMaxShift(torch.nn.Module):
         return torch.matmul(torch.softmax(scores - top, dim=-1), v)
 
 
+class ZeroedProbabilities(torch.nn.Module):
+    """CPM-Ant: the mask condition spelled twice, -inf before the softmax and 0 after it."""
+
+    def forward(self, q, k, v, keep):
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = torch.masked_fill(scores, keep.view(1, 1, 1, -1) == torch.tensor(False),
+                                   torch.scalar_tensor(float("-inf"), dtype=scores.dtype))
+        probs = torch.nn.Softmax(dim=-1)(scores)
+        probs = torch.masked_fill(probs, keep.view(1, 1, 1, -1) == torch.tensor(False),
+                                  torch.scalar_tensor(0, dtype=probs.dtype))
+        return torch.matmul(probs, v)
+
+
 @pytest.mark.parametrize("module, pattern", [
     (InPlaceBias(), "matmul_softmax"), (Clones(), "matmul_softmax"),
     (FullFill(), "matmul_softmax"), (TensorFill(), "matmul_softmax"), (InPlaceFill(), "matmul_softmax"),
@@ -190,6 +203,7 @@ class RowMaxShift(torch.nn.Module):
     (ClampedScores(), "bmm_softmax"),
     (BloomLike(), "baddbmm_softmax"), (FoldedScoresUnfoldedValues(), "baddbmm_softmax"),
     (RowMaxShift(), "matmul_softmax"), (RowMaxShift(amax=True), "matmul_softmax"),
+    (ZeroedProbabilities(), "matmul_softmax"),
 ], ids=lambda x: type(x).__name__ if isinstance(x, torch.nn.Module) else None)
 def test_spelling_is_rewritten_exactly(module, pattern):
     q, k, v = decode_inputs()
@@ -267,12 +281,19 @@ class LogSumExpSink(ConcatenatedSink):
         return (torch.softmax(scores, dim=-1) @ v) * scale.unsqueeze(-1)
 
 
+class ZeroedElsewhere(torch.nn.Module):
+    def forward(self, q, k, v, keep):
+        probs = (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")).softmax(-1)
+        return probs.masked_fill(~keep.roll(1, -1), 0) @ v
+
+
 @pytest.mark.parametrize("module, extra, reason", [
     (UnknownOp(), None, "sub (sub) between the scores product and the softmax is not a scale"),
     (ConcatenatedSink(), None, "attention sinks (an extra logit per head in the softmax denominator, concatenated"),
     (LogSumExpSink(), None, "attention sinks (an extra logit per head in the softmax denominator, applied by"),
     (RelativeBias(), torch.randn(1, 2, 64, 16), "both operands of the add are products"),
     (ScaledBias(), torch.randn(2, 1, 64), "baddbmm with beta=0.5"),
+    (ZeroedElsewhere(), _keep(), "the probabilities are zeroed where the scores were not masked"),
 ], ids=lambda x: type(x).__name__ if isinstance(x, torch.nn.Module) else None)
 def test_unprovable_spelling_is_reported_not_crashed(module, extra, reason):
     q, k, v = decode_inputs()

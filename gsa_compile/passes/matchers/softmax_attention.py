@@ -76,7 +76,7 @@ def _match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
     pv = _down_to_weighted_sum(node)
     if isinstance(pv, NotProvable) or pv is None:
         return pv
-    pv_node, probs_input = pv
+    pv_node, probs_input, zero_fills = pv
     chain = _up_to_scores(node.args[0])
     if isinstance(chain, NotProvable) or chain is None:
         return chain
@@ -84,6 +84,14 @@ def _match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
     record = _scores_record(qk_node, steps, node)
     if isinstance(record, NotProvable):
         return record
+    if zero_fills:
+        conditions = [payload[0] for kind, _, payload in steps if kind == "fill_mask"]
+        for zero_fill in zero_fills:
+            if len(conditions) != 1 or not _same_value(zero_fill.args[1], conditions[0]):
+                return NotProvable(zero_fill, "the probabilities are zeroed where the scores were not masked; only "
+                                              "the scores' own mask condition is read")
+        # Rows with every key masked are zero then, as the site gives them without a finite fill.
+        record = (*record[:-1], None)
     found = _finish(record, qk_node, pv_node, probs_input, node)
     if isinstance(found, AttentionMatch):
         found.nodes = [qk_node, *(step[1] for step in reversed(steps)), node, pv_node]
@@ -212,8 +220,11 @@ def _sink_reason(softmax: fx.Node) -> str:
 
 
 def _down_to_weighted_sum(softmax: fx.Node):
-    """Follow casts, clones and no-op dropout to the product with values: (pv_node, probs operand)."""
-    current = softmax
+    """Follow casts, clones and no-op dropout to the product with values: (pv_node, probs
+    operand, the zero fills of the probabilities on the way). probs.masked_fill(cond, 0) with
+    cond the scores' own fill condition (CPM-Ant) only zeroes what is already zero, and the
+    rows whose every key is masked."""
+    current, zero_fills = softmax, []
     while True:
         users = _value_users(current)
         if len(users) != 1:
@@ -229,8 +240,12 @@ def _down_to_weighted_sum(softmax: fx.Node):
                 return NotProvable(softmax, reason)
             current = user
             continue
+        if is_op(user, "masked_fill") and user.args[0] is current and _constant(arg(user, 2, "value")) == 0:
+            zero_fills.append(user)
+            current = user
+            continue
         if is_op(user, *PRODUCTS):
-            return user, current
+            return user, current, zero_fills
         if _reaches(user, PRODUCTS, downstream=True):
             return NotProvable(user, f"{_describe(user)} between the softmax and the product with values is not "
                                      f"a cast, clone or no-op dropout")
@@ -361,6 +376,12 @@ def _product_operands(node: fx.Node) -> tuple:
 
 def _fill_value(fill) -> Optional[float]:
     """The constant a mask fills with, when it is a number or a constant tensor at or below the limit."""
+    fill = _constant(fill)
+    return None if fill is None or fill > MASK_FILL_LIMIT else fill
+
+
+def _constant(fill) -> Optional[float]:
+    """A number, or the value of a constant tensor (torch.full((), v), torch.tensor(v), a 1-element buffer)."""
     if isinstance(fill, fx.Node):
         if is_op(fill, "full"):
             fill = arg(fill, 2 if fill.op == "call_method" else 1, "fill_value")
@@ -370,9 +391,27 @@ def _fill_value(fill) -> Optional[float]:
             owner = fill.graph.owning_module
             constant = getattr(owner, str(fill.target), None) if owner is not None else None
             fill = constant.item() if isinstance(constant, torch.Tensor) and constant.numel() == 1 else None
-    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or fill > MASK_FILL_LIMIT:
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
         return None
     return float(fill)
+
+
+def _same_value(a, b, depth: int = 8) -> bool:
+    """Whether a and b are the same computation of the same inputs: the same node, equal
+    constants, or calls of one known pure op on arguments that are the same value (CPM-Ant
+    spells its mask condition twice)."""
+    if a is b:
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y, depth) for x, y in zip(a, b))
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return not isinstance(a, (fx.Node, torch.Tensor)) and not isinstance(b, (fx.Node, torch.Tensor)) \
+            and type(a) is type(b) and a == b
+    if depth == 0 or a.op != b.op or a.target != b.target or op_name(a) is None \
+            or len(a.args) != len(b.args) or set(a.kwargs) != set(b.kwargs):
+        return False
+    return all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args)) \
+        and all(_same_value(a.kwargs[name], b.kwargs[name], depth - 1) for name in a.kwargs)
 
 
 def _reaches(node: fx.Node, names: tuple, downstream: bool) -> bool:
