@@ -85,6 +85,8 @@ def tiny_config(model_type: str, layers: int = TINY["num_hidden_layers"]):
     sizes.update({name: token for name, token in TOKENS.items()
                   if isinstance(getattr(text, name, None), int) and getattr(text, name) >= TINY["vocab_size"]})
     sizes.update(REQUIRED.get(model_type, {}))
+    if "qk_rope_head_dim" in sizes and "head_dim" in sizes:
+        sizes["head_dim"] = sizes["qk_rope_head_dim"]  # MLA: head_dim is the rotary part (DeepSeek-V3's config)
     for name in ("num_hidden_layers", "encoder_layers", "decoder_layers", "num_encoder_layers", "num_decoder_layers"):
         if name in sizes:
             sizes[name] = layers
