@@ -136,6 +136,17 @@ def build(model_type: str):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def _compile_seconds() -> dict:
+    """Where the torch.compile time of prefill and decode went: dynamo's tracing, the gsa
+    backend (GSA passes and the compiler it hands on to) and Inductor's share of it."""
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    spent = {name: round(sum(metrics.get(key, ())), 1) for name, key in (
+        ("dynamo", "bytecode_tracing"), ("backend", "OutputGraph.call_user_compiler"),
+        ("inductor", "create_aot_dispatcher_function"))}
+    spent["gsa_passes"] = round(spent["backend"] - spent["inductor"], 1)
+    return spent
+
+
 def _logits(output):
     return output.logits if hasattr(output, "logits") else output[0]
 
@@ -185,6 +196,7 @@ def run_one(model_type: str, compiler: str = "inductor") -> dict:
             config = None
         stage = "compile"
         torch._dynamo.reset()
+        torch._dynamo.utils.compilation_time_metrics.clear()
         reports = []
         compiled = torch.compile(model, backend="gsa", options={"config": config, "compiler": compiler,
                                                                  "reports": reports})
@@ -202,6 +214,7 @@ def run_one(model_type: str, compiler: str = "inductor") -> dict:
         result["sparse_sites"] = sum(policy != "dense" for policy in sites.values())
         result["unmatched"] = sorted({f"{item.location}: {item.reason}" for report in reports
                                       for item in report.unmatched})
+        result["compile_seconds"] = _compile_seconds()
         stage = "compare"
         equal = _close(_logits(got), _logits(prefill)) and _close(_logits(got_step), _logits(step))
         if equal and not result["sites"]:
@@ -321,13 +334,16 @@ def markdown(payload: dict) -> str:
     for group, models in totals["failure_groups"].items():
         rows.append((len(models), group.replace("|", "/"), ", ".join(models[:6]) + (" …" if len(models) > 6 else "")))
     lines += _markdown_table(rows) + ["", "## Per architecture", ""]
-    rows = [("model", "status", "sites (sparse)", "prefill diff", "decode diff", "seconds", "error or unmatched")]
+    rows = [("model", "status", "sites (sparse)", "prefill diff", "decode diff", "seconds (Inductor, GSA passes)",
+             "error or unmatched")]
     for name in sorted(results):
         r = results[name]
         note = r.get("error") or "; ".join(r.get("unmatched") or [])
         sites = "" if r.get("sites") is None else f"{r['sites']} ({r.get('sparse_sites')})"
-        rows.append((name, r["status"], sites, _fmt(r.get("prefill_diff")), _fmt(r.get("decode_diff")),
-                     r.get("seconds", ""), " ".join(note.split())[:160].replace("|", "/")))
+        spent = r.get("compile_seconds")
+        seconds = f"{r.get('seconds', '')}" + (f" ({spent['inductor']}, {spent['gsa_passes']})" if spent else "")
+        rows.append((name, r["status"], sites, _fmt(r.get("prefill_diff")), _fmt(r.get("decode_diff")), seconds,
+                     " ".join(note.split())[:160].replace("|", "/")))
     lines += _markdown_table(rows)
     return "\n".join(lines) + "\n"
 
