@@ -49,6 +49,7 @@ DEFAULT_TABLE = os.path.join(ROOT, "docs", "coverage_fx.md")
 TINY = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
     intermediate_size=128, vocab_size=128, max_position_embeddings=256,
+    rotary_dim=8,  # partial rotary (GPT-J, CodeGen): within the head dim
     # mixture of experts: few, small experts
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
     shared_expert_intermediate_size=32, n_group=1, topk_group=1,
