@@ -62,7 +62,8 @@ TINY = dict(
 # Special tokens must lie inside the tiny vocabulary (an embedding's padding_idx is checked).
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # What an architecture's config validation insists on, beyond the tiny sizes.
-REQUIRED = {"zaya": dict(num_experts_per_tok=1), "gpt_neo": dict(attention_types=[[["global", "local"], 1]])}
+REQUIRED = {"zaya": dict(num_experts_per_tok=1), "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+            "xlnet": dict(n_head=4, d_head=16)}
 HYBRID_LAYERS = 4
 PROMPT = 16
 ATOL, RTOL = 2e-4, 2e-4
@@ -112,10 +113,23 @@ def _config_without_refused(model_type: str, sizes: dict):
         try:
             return AutoConfig.for_model(model_type, **sizes)
         except (AttributeError, NotImplementedError) as exc:
-            refused = [name for name in sizes if name in str(exc)]
+            # The size the message names, else the first one without which this refusal goes.
+            refused = [name for name in sizes if name in str(exc)] or [
+                name for name in sizes if _refusal(model_type, {k: v for k, v in sizes.items() if k != name}) != str(exc)]
             if not refused:
                 raise
             sizes.pop(refused[0])
+
+
+def _refusal(model_type: str, sizes: dict) -> str:
+    """The message of the refusal the config gives these sizes, '' when it takes them."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.for_model(model_type, **sizes)
+    except Exception as exc:  # any refusal: only whether it is the same one matters
+        return str(exc)
+    return ""
 
 
 def _has_attention_layer(config) -> bool:
