@@ -195,6 +195,13 @@ class ZeroedProbabilities(torch.nn.Module):
         return torch.matmul(probs, v)
 
 
+class ConstantShift(torch.nn.Module):
+    """XLNet without segments: a number added to the scores (softmax does not see it)."""
+
+    def forward(self, q, k, v, bias):
+        return torch.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.25 + bias + 0, dim=-1) @ v
+
+
 @pytest.mark.parametrize("module, pattern", [
     (InPlaceBias(), "matmul_softmax"), (Clones(), "matmul_softmax"),
     (FullFill(), "matmul_softmax"), (TensorFill(), "matmul_softmax"), (InPlaceFill(), "matmul_softmax"),
@@ -203,7 +210,7 @@ class ZeroedProbabilities(torch.nn.Module):
     (ClampedScores(), "bmm_softmax"),
     (BloomLike(), "baddbmm_softmax"), (FoldedScoresUnfoldedValues(), "baddbmm_softmax"),
     (RowMaxShift(), "matmul_softmax"), (RowMaxShift(amax=True), "matmul_softmax"),
-    (ZeroedProbabilities(), "matmul_softmax"),
+    (ZeroedProbabilities(), "matmul_softmax"), (ConstantShift(), "matmul_softmax"),
 ], ids=lambda x: type(x).__name__ if isinstance(x, torch.nn.Module) else None)
 def test_spelling_is_rewritten_exactly(module, pattern):
     q, k, v = decode_inputs()
@@ -211,7 +218,8 @@ def test_spelling_is_rewritten_exactly(module, pattern):
         extra = torch.randn(1, 2, 1, 64)
     elif isinstance(module, Baddbmm):
         extra = torch.randn(2, 1, 64)
-    elif isinstance(module, (ReshapedScores, BloomLike, FillThenAdd, FoldedScoresUnfoldedValues, RowMaxShift)):
+    elif isinstance(module, (ReshapedScores, BloomLike, FillThenAdd, FoldedScoresUnfoldedValues, RowMaxShift,
+                             ConstantShift)):
         extra = torch.zeros(1, 1, 1, 64).masked_fill(~_keep(), MIN)
     else:
         extra = _keep()

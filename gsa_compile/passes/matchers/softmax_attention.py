@@ -309,7 +309,9 @@ def _up_to_scores(node):
                 return None
             if bound_args(current).get("alpha", 1) not in (1, None):
                 return NotProvable(current, "add with alpha != 1 on scores")
-            steps.append(("add_mask", current, mask))
+            # A number added to every score (XLNet's absent segment term) is a shift softmax does not see.
+            constant = isinstance(mask, (int, float)) and not isinstance(mask, bool) and math.isfinite(mask)
+            steps.append(("cast", current, None) if constant else ("add_mask", current, mask))
             nxt = scores_side
         elif name == "masked_fill":
             fill = _fill_value(arg(current, 2, "value"))
@@ -533,7 +535,8 @@ def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
         else:
             mask, mask_fill = (payload, None) if kind == "add_mask" else payload
             if kind == "add_mask" and not _is_float_tensor(mask):
-                return NotProvable(softmax, "the tensor added to the scores is not a float mask")
+                added = _describe(mask) if isinstance(mask, fx.Node) else repr(mask)
+                return NotProvable(softmax, f"what is added to the scores ({added}) is not a float tensor of the graph")
             if kind != "add_mask" and not isinstance(mask, fx.Node):
                 return NotProvable(softmax, f"the mask condition {mask!r} is not a tensor of the graph")
             if unfolded is not None and _leading_sizes(unfolded) is None:
