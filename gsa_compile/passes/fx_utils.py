@@ -35,7 +35,9 @@ _SPELLINGS: dict[str, tuple] = {
     "mul": (torch.mul, operator.mul, aten.mul, "mul", "__mul__"),
     "div": (torch.div, torch.true_divide, operator.truediv, aten.div, "div", "__truediv__", "true_divide"),
     "add": (torch.add, operator.add, aten.add, "add", "__add__"),
+    "sub": (torch.sub, torch.subtract, operator.sub, aten.sub, "sub", "__sub__"),
     "tanh": (torch.tanh, aten.tanh, "tanh"),
+    "compare": (operator.eq, operator.ne, torch.eq, torch.ne, aten.eq, aten.ne, "eq", "ne", "__eq__", "__ne__"),
     "masked_fill": (torch.masked_fill, aten.masked_fill, "masked_fill"),
     "where": (torch.where, aten.where, "where"),
     "logical_not": (torch.logical_not, operator.invert, aten.logical_not, aten.bitwise_not, "logical_not",
@@ -50,7 +52,11 @@ _SPELLINGS: dict[str, tuple] = {
     "repeat_interleave": (torch.repeat_interleave, aten.repeat_interleave, "repeat_interleave"),
     "contiguous": (torch.clone, aten.clone, aten.contiguous, "contiguous", "clone"),
     "expand_as": ("expand_as",),
-    "maximum": (torch.maximum, torch.max, aten.maximum, "maximum", "max"),
+    # torch.max(x, other) and the reduction torch.max(x, dim) (a (values, indices) pair) share spellings.
+    "maximum": (torch.maximum, torch.max, aten.maximum, aten.max, "maximum", "max"),
+    "amax": (torch.amax, aten.amax, "amax"),
+    "logsumexp": (torch.logsumexp, aten.logsumexp, "logsumexp"),
+    "detach": (torch.detach, aten.detach, "detach"),
     # Constant tensors: torch.full(size, value), torch.tensor(value) and their aten forms.
     "full": (torch.full, aten.full, "new_full"),
     "scalar_tensor": (torch.tensor, torch.scalar_tensor, aten.scalar_tensor),

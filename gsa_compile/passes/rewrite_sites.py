@@ -19,7 +19,7 @@ _REMOVABLE = {
     "sdpa", "sdpa_flash", "sdpa_flash_cpu", "sdpa_efficient", "sdpa_cudnn", "mha_forward", "matmul", "bmm", "einsum",
     "softmax", "mul", "div", "add", "tanh", "masked_fill", "where", "logical_not", "cast", "dropout", "transpose",
     "permute", "unsqueeze", "expand", "reshape", "repeat_interleave", "contiguous", "getitem", "baddbmm", "full",
-    "scalar_tensor", "maximum",
+    "scalar_tensor", "maximum", "amax", "sub", "detach", "compare",
 }
 
 

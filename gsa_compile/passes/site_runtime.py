@@ -38,6 +38,10 @@ def gsa_site(
     key = key.transpose(-2, -1) if key_transposed else key
     value = value if value_permute is None else value.permute(*value_permute)
     folded_heads = query.dim() == 3
+    # Scores of folded heads weighting values [B, H, L, D]: the output is [B, H, T, D] too.
+    unfolded_values = value.shape[:2] if folded_heads and value.dim() == 4 else None
+    if unfolded_values is not None:
+        value = value.flatten(0, 1)
     if folded_heads:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     if attn_mask is not None:
@@ -64,6 +68,8 @@ def gsa_site(
     )
     if folded_heads:
         out = out.squeeze(1)
+    if unfolded_values is not None:
+        out = out.unflatten(0, unfolded_values)
     if output_permute is not None:
         out = out.permute(*output_permute)
     return out, blocks

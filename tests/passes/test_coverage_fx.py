@@ -31,7 +31,13 @@ def test_failures_group_by_their_generalised_error():
         "b": {"model": "b", "status": "error", "stage": "prefill", "error": "AssertionError: stride 8==64 at dim=2"},
         "c": {"model": "c", "status": "pass"},
         "d": {"model": "d", "status": "unbuildable", "stage": "build", "error": "KeyError: 'x'"},
+        "e": {"model": "e", "status": "dense", "error": "no attention site; left dense: attention sinks"},
+        "f": {"model": "f", "status": "no_attention", "error": "no softmax of a product in the graph"},
     }
     totals = coverage_fx.summary(results)
-    assert (totals["passed"], totals["buildable"], totals["unbuildable"]) == (1, 3, 1)
-    assert totals["failure_groups"] == {"prefill: AssertionError: stride N==N at dim=N": ["a", "b"]}
+    assert (totals["passed"], totals["buildable"], totals["unbuildable"]) == (1, 5, 1)
+    assert (totals["dense"], totals["no_attention"]) == (1, 1)
+    assert totals["failure_groups"] == {
+        "prefill: AssertionError: stride N==N at dim=N": ["a", "b"],
+        "equal to eager, left dense: no candidate provable (reasons in the table below)": ["e"],
+    }

@@ -156,13 +156,61 @@ class BloomLike(torch.nn.Module):
         return torch.bmm(probs.view(b * h, t, -1), v.reshape(b * h, -1, d))
 
 
+class FoldedScoresUnfoldedValues(torch.nn.Module):
+    """GPT-NeoX-Japanese: baddbmm over a zeros bias on folded heads, scores viewed as [B, H, T, L]
+    for the mask and the softmax, values weighted as [B, H, L, D]."""
+
+    def forward(self, q, k, v, bias):
+        b, h, t, d = q.shape
+        zeros = torch.zeros(b * h, t, k.shape[2], dtype=q.dtype)
+        scores = torch.baddbmm(zeros, q.view(b * h, t, d), k.view(b * h, -1, d).transpose(1, 2), beta=1.0,
+                               alpha=1 / math.sqrt(d))
+        probs = torch.nn.functional.softmax(scores.view(b, h, t, -1) + bias, dim=-1).to(v.dtype)
+        return torch.matmul(probs, v)
+
+
+class RowMaxShift(torch.nn.Module):
+    """MiMo-V2-Flash: the row max subtracted before the softmax (fp16 range), as .values or amax."""
+
+    def __init__(self, amax=False):
+        super().__init__()
+        self.amax = amax
+
+    def forward(self, q, k, v, bias):
+        scores = torch.matmul(q, k.transpose(2, 3)) * 0.25 + bias
+        top = scores.amax(-1, keepdim=True).detach() if self.amax else scores.max(dim=-1, keepdim=True).values
+        return torch.matmul(torch.softmax(scores - top, dim=-1), v)
+
+
+class ZeroedProbabilities(torch.nn.Module):
+    """CPM-Ant: the mask condition spelled twice, -inf before the softmax and 0 after it."""
+
+    def forward(self, q, k, v, keep):
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = torch.masked_fill(scores, keep.view(1, 1, 1, -1) == torch.tensor(False),
+                                   torch.scalar_tensor(float("-inf"), dtype=scores.dtype))
+        probs = torch.nn.Softmax(dim=-1)(scores)
+        probs = torch.masked_fill(probs, keep.view(1, 1, 1, -1) == torch.tensor(False),
+                                  torch.scalar_tensor(0, dtype=probs.dtype))
+        return torch.matmul(probs, v)
+
+
+class ConstantShift(torch.nn.Module):
+    """XLNet without segments: a number added to the scores (softmax does not see it)."""
+
+    def forward(self, q, k, v, bias):
+        return torch.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.25 + bias + 0, dim=-1) @ v
+
+
 @pytest.mark.parametrize("module, pattern", [
     (InPlaceBias(), "matmul_softmax"), (Clones(), "matmul_softmax"),
     (FullFill(), "matmul_softmax"), (TensorFill(), "matmul_softmax"), (InPlaceFill(), "matmul_softmax"),
     (FillThenAdd(), "matmul_softmax"), (Checkpointed(), "sdpa"),
     (CheckpointedSoftmax(), "matmul_softmax"), (Baddbmm(), "baddbmm_softmax"), (ReshapedScores(), "bmm_softmax"),
     (ClampedScores(), "bmm_softmax"),
-    (BloomLike(), "baddbmm_softmax"),
+    (BloomLike(), "baddbmm_softmax"), (FoldedScoresUnfoldedValues(), "baddbmm_softmax"),
+    (RowMaxShift(), "matmul_softmax"), (RowMaxShift(amax=True), "matmul_softmax"),
+    (ZeroedProbabilities(), "matmul_softmax"), (ConstantShift(), "matmul_softmax"),
 ], ids=lambda x: type(x).__name__ if isinstance(x, torch.nn.Module) else None)
 def test_spelling_is_rewritten_exactly(module, pattern):
     q, k, v = decode_inputs()
@@ -170,7 +218,8 @@ def test_spelling_is_rewritten_exactly(module, pattern):
         extra = torch.randn(1, 2, 1, 64)
     elif isinstance(module, Baddbmm):
         extra = torch.randn(2, 1, 64)
-    elif isinstance(module, (ReshapedScores, BloomLike, FillThenAdd)):
+    elif isinstance(module, (ReshapedScores, BloomLike, FillThenAdd, FoldedScoresUnfoldedValues, RowMaxShift,
+                             ConstantShift)):
         extra = torch.zeros(1, 1, 1, 64).masked_fill(~_keep(), MIN)
     else:
         extra = _keep()
@@ -217,10 +266,42 @@ class ScaledBias(Baddbmm):
         super().__init__(beta=0.5)
 
 
+class ConcatenatedSink(torch.nn.Module):
+    """gpt-oss / Flint: one learned logit per head joins the softmax and is dropped after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = torch.nn.Parameter(torch.randn(2))
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-2, -1) * 0.25
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+        return probs @ v
+
+
+class LogSumExpSink(ConcatenatedSink):
+    """GraniteMoe-SWA: the sink applied as sigmoid(logsumexp(scores) - sink) on the output."""
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-2, -1) * 0.25
+        scale = (torch.logsumexp(scores, dim=-1) - self.sinks.view(1, -1, 1)).sigmoid()
+        return (torch.softmax(scores, dim=-1) @ v) * scale.unsqueeze(-1)
+
+
+class ZeroedElsewhere(torch.nn.Module):
+    def forward(self, q, k, v, keep):
+        probs = (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")).softmax(-1)
+        return probs.masked_fill(~keep.roll(1, -1), 0) @ v
+
+
 @pytest.mark.parametrize("module, extra, reason", [
     (UnknownOp(), None, "sub (sub) between the scores product and the softmax is not a scale"),
+    (ConcatenatedSink(), None, "attention sinks (an extra logit per head in the softmax denominator, concatenated"),
+    (LogSumExpSink(), None, "attention sinks (an extra logit per head in the softmax denominator, applied by"),
     (RelativeBias(), torch.randn(1, 2, 64, 16), "both operands of the add are products"),
     (ScaledBias(), torch.randn(2, 1, 64), "baddbmm with beta=0.5"),
+    (ZeroedElsewhere(), _keep(), "the probabilities are zeroed where the scores were not masked"),
 ], ids=lambda x: type(x).__name__ if isinstance(x, torch.nn.Module) else None)
 def test_unprovable_spelling_is_reported_not_crashed(module, extra, reason):
     q, k, v = decode_inputs()

@@ -56,6 +56,10 @@ def match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
     if not is_op(node, "softmax"):
         return None
     found = _match(node)
+    if not isinstance(found, AttentionMatch):
+        sink = _sink_reason(node)
+        if sink:
+            return NotProvable(node, sink)
     if found is None and _between_products(node):
         return NotProvable(node, "a softmax between two products, but the steps around it are not the scale / "
                                  "softcap / mask / cast chain of attention that the rule reads")
@@ -72,7 +76,7 @@ def _match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
     pv = _down_to_weighted_sum(node)
     if isinstance(pv, NotProvable) or pv is None:
         return pv
-    pv_node, probs_input = pv
+    pv_node, probs_input, zero_fills = pv
     chain = _up_to_scores(node.args[0])
     if isinstance(chain, NotProvable) or chain is None:
         return chain
@@ -80,6 +84,14 @@ def _match(node: fx.Node) -> Union[AttentionMatch, NotProvable, None]:
     record = _scores_record(qk_node, steps, node)
     if isinstance(record, NotProvable):
         return record
+    if zero_fills:
+        conditions = [payload[0] for kind, _, payload in steps if kind == "fill_mask"]
+        for zero_fill in zero_fills:
+            if len(conditions) != 1 or not _same_value(zero_fill.args[1], conditions[0]):
+                return NotProvable(zero_fill, "the probabilities are zeroed where the scores were not masked; only "
+                                              "the scores' own mask condition is read")
+        # Rows with every key masked are zero then, as the site gives them without a finite fill.
+        record = (*record[:-1], None)
     found = _finish(record, qk_node, pv_node, probs_input, node)
     if isinstance(found, AttentionMatch):
         found.nodes = [qk_node, *(step[1] for step in reversed(steps)), node, pv_node]
@@ -135,12 +147,84 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
     """Users that read the values of `node` (not only its dtype or shape, not metadata asserts)."""
     return [user for user in real_users(node)
             if not (user.op == "call_method" and user.target in METADATA_READERS and len(user.args) > 1
-                    and user.args[1] is node and user.args[0] is not node)]
+                    and user.args[1] is node and user.args[0] is not node)
+            and not _only_shifts(user, node)]
+
+
+def _row_max_source(node) -> Optional[fx.Node]:
+    """x when node is the max of x over the last axis with that axis kept (x.max(-1,
+    keepdim=True).values, x.amax(-1, keepdim=True), either detached), else None."""
+    while is_op(node, "detach"):
+        node = node.args[0]
+    pair = is_op(node, "getitem") and node.args[1] == 0
+    reduction = node.args[0] if pair else node
+    if not (is_op(reduction, "maximum") if pair else is_op(reduction, "amax")) or not reduction.args:
+        return None
+    source, dim, keepdim = reduction.args[0], arg(reduction, 1, "dim"), arg(reduction, 2, "keepdim", False)
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    rank = len(shape(source) or ())
+    if not isinstance(source, fx.Node) or not isinstance(dim, int) or keepdim is not True or not rank \
+            or normalize_dim(dim, rank) != rank - 1:
+        return None
+    return source
+
+
+def _shifted_by_row_max(node: fx.Node) -> Optional[fx.Node]:
+    """x when node is x - (the max of x over the last axis), else None."""
+    source, shift = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if len(node.args) > 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    return source if isinstance(source, fx.Node) and _row_max_source(shift) is source else None
+
+
+def _only_shifts(user: fx.Node, node: fx.Node) -> bool:
+    """Whether `user` starts the row max of `node` that only shifts `node` (x - max(x)): it
+    reads node's values only for a shift softmax does not see."""
+    current = user
+    while len(current.users) == 1:
+        following = next(iter(current.users))
+        if not (is_op(following, "detach") or (is_op(following, "getitem") and following.args[1] == 0)):
+            break
+        current = following
+    return _row_max_source(current) is node and bool(current.users) and all(
+        is_op(shift, "sub") and _shifted_by_row_max(shift) is node for shift in current.users)
+
+
+SINK_REASON = ("attention sinks (an extra logit per head in the softmax denominator{how}): a GSA site has no sink "
+               "term; left dense")
+
+
+def _sink_reason(softmax: fx.Node) -> str:
+    """Why a softmax is attention with sinks, or '': its input is the scores concatenated with
+    one more logit on the key axis (gpt-oss, MiMo, Flint), or the scores' log-sum-exp is taken
+    beside it (a sink applied as an output rescaling, GraniteMoe-SWA)."""
+    current, rank = softmax.args[0] if softmax.args else None, len(shape(softmax) or ())
+    for _ in range(16):
+        if not isinstance(current, fx.Node):
+            return ""
+        if any(is_op(user, "logsumexp") for user in current.users) and _leads_to_product(current):
+            return SINK_REASON.format(how=", applied by rescaling the output with the scores' log-sum-exp")
+        if is_op(current, "cat"):
+            tensors, dim = current.args[0], arg(current, 1, "dim", 0)
+            if isinstance(tensors, (list, tuple)) and isinstance(dim, int) and rank \
+                    and normalize_dim(dim, rank) == rank - 1 and any(_leads_to_product(t) for t in tensors):
+                return SINK_REASON.format(how=", concatenated to the scores")
+            return ""
+        if is_op(current, "sub") and _shifted_by_row_max(current) is not None:
+            current = current.args[0]
+        elif op_name(current) in SCORE_STEPS and current.args:
+            current = current.args[0]
+        else:
+            return ""
+    return ""
 
 
 def _down_to_weighted_sum(softmax: fx.Node):
-    """Follow casts, clones and no-op dropout to the product with values: (pv_node, probs operand)."""
-    current = softmax
+    """Follow casts, clones and no-op dropout to the product with values: (pv_node, probs
+    operand, the zero fills of the probabilities on the way). probs.masked_fill(cond, 0) with
+    cond the scores' own fill condition (CPM-Ant) only zeroes what is already zero, and the
+    rows whose every key is masked."""
+    current, zero_fills = softmax, []
     while True:
         users = _value_users(current)
         if len(users) != 1:
@@ -156,8 +240,12 @@ def _down_to_weighted_sum(softmax: fx.Node):
                 return NotProvable(softmax, reason)
             current = user
             continue
+        if is_op(user, "masked_fill") and user.args[0] is current and _constant(arg(user, 2, "value")) == 0:
+            zero_fills.append(user)
+            current = user
+            continue
         if is_op(user, *PRODUCTS):
-            return user, current
+            return user, current, zero_fills
         if _reaches(user, PRODUCTS, downstream=True):
             return NotProvable(user, f"{_describe(user)} between the softmax and the product with values is not "
                                      f"a cast, clone or no-op dropout")
@@ -188,6 +276,10 @@ def _up_to_scores(node):
         elif name == "reshape" and _folds_heads(current):
             steps.append(("fold", current, None))
             nxt = current.args[0]
+        elif name == "sub" and _shifted_by_row_max(current) is not None:
+            # softmax(x - max(x, -1)) is softmax(x): the shift is only for fp16 / bf16 range.
+            steps.append(("cast", current, None))
+            nxt = current.args[0]
         elif name in ("mul", "div"):
             tensor_arg, const = _tensor_and_constant(current)
             softcap = _softcap_of(current) if name == "mul" and tensor_arg is not None else None
@@ -217,7 +309,9 @@ def _up_to_scores(node):
                 return None
             if bound_args(current).get("alpha", 1) not in (1, None):
                 return NotProvable(current, "add with alpha != 1 on scores")
-            steps.append(("add_mask", current, mask))
+            # A number added to every score (XLNet's absent segment term) is a shift softmax does not see.
+            constant = isinstance(mask, (int, float)) and not isinstance(mask, bool) and math.isfinite(mask)
+            steps.append(("cast", current, None) if constant else ("add_mask", current, mask))
             nxt = scores_side
         elif name == "masked_fill":
             fill = _fill_value(arg(current, 2, "value"))
@@ -284,6 +378,12 @@ def _product_operands(node: fx.Node) -> tuple:
 
 def _fill_value(fill) -> Optional[float]:
     """The constant a mask fills with, when it is a number or a constant tensor at or below the limit."""
+    fill = _constant(fill)
+    return None if fill is None or fill > MASK_FILL_LIMIT else fill
+
+
+def _constant(fill) -> Optional[float]:
+    """A number, or the value of a constant tensor (torch.full((), v), torch.tensor(v), a 1-element buffer)."""
     if isinstance(fill, fx.Node):
         if is_op(fill, "full"):
             fill = arg(fill, 2 if fill.op == "call_method" else 1, "fill_value")
@@ -293,9 +393,27 @@ def _fill_value(fill) -> Optional[float]:
             owner = fill.graph.owning_module
             constant = getattr(owner, str(fill.target), None) if owner is not None else None
             fill = constant.item() if isinstance(constant, torch.Tensor) and constant.numel() == 1 else None
-    if isinstance(fill, bool) or not isinstance(fill, (int, float)) or fill > MASK_FILL_LIMIT:
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
         return None
     return float(fill)
+
+
+def _same_value(a, b, depth: int = 8) -> bool:
+    """Whether a and b are the same computation of the same inputs: the same node, equal
+    constants, or calls of one known pure op on arguments that are the same value (CPM-Ant
+    spells its mask condition twice)."""
+    if a is b:
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y, depth) for x, y in zip(a, b))
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return not isinstance(a, (fx.Node, torch.Tensor)) and not isinstance(b, (fx.Node, torch.Tensor)) \
+            and type(a) is type(b) and a == b
+    if depth == 0 or a.op != b.op or a.target != b.target or op_name(a) is None \
+            or len(a.args) != len(b.args) or set(a.kwargs) != set(b.kwargs):
+        return False
+    return all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args)) \
+        and all(_same_value(a.kwargs[name], b.kwargs[name], depth - 1) for name in a.kwargs)
 
 
 def _reaches(node: fx.Node, names: tuple, downstream: bool) -> bool:
@@ -417,7 +535,8 @@ def _scores_record(qk_node: fx.Node, steps: list, softmax: fx.Node):
         else:
             mask, mask_fill = (payload, None) if kind == "add_mask" else payload
             if kind == "add_mask" and not _is_float_tensor(mask):
-                return NotProvable(softmax, "the tensor added to the scores is not a float mask")
+                added = _describe(mask) if isinstance(mask, fx.Node) else repr(mask)
+                return NotProvable(softmax, f"what is added to the scores ({added}) is not a float tensor of the graph")
             if kind != "add_mask" and not isinstance(mask, fx.Node):
                 return NotProvable(softmax, f"the mask condition {mask!r} is not a tensor of the graph")
             if unfolded is not None and _leading_sizes(unfolded) is None:
@@ -519,10 +638,20 @@ def _layout_of(qk_node: fx.Node, pv_node: fx.Node, probs_input: fx.Node):
         return NotProvable(pv_node, "probabilities are the right operand of the value product (v @ p)")
     value = pv_node.args[1]
     rank = len(shape(query) or ())
-    if rank not in (3, 4) or len(shape(key_t) or ()) != rank or len(shape(value) or ()) != rank:
+    if rank not in (3, 4) or len(shape(key_t) or ()) != rank or len(shape(value) or ()) not in (rank, 4) \
+            or (len(shape(value)) != rank and not _values_of_folded_heads(query, value, probs_input)):
         return NotProvable(qk_node, "scores product operands are not all 3-D or all 4-D (broadcast products)")
     key = _untransposed(key_t, rank)
     return query, key if key is not None else key_t, value, [None] * 4, key is None, rank
+
+
+def _values_of_folded_heads(query: fx.Node, value: fx.Node, probs: fx.Node) -> bool:
+    """Scores of heads folded into the batch ([B*H, T, L], viewed as [B, H, T, L] on the way)
+    weighting values [B, H, L, D] (GPT-NeoX-Japanese): the site folds the values and unfolds
+    its output."""
+    q_shape, v_shape, p_shape = shape(query), shape(value), shape(probs)
+    return len(q_shape) == 3 and len(v_shape) == 4 and p_shape is not None and len(p_shape) == 4 \
+        and tuple(p_shape[:2]) == tuple(v_shape[:2]) and math.prod(v_shape[:2]) == q_shape[0]
 
 
 def _untransposed(node: fx.Node, rank: int) -> Optional[fx.Node]:
