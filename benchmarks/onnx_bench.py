@@ -15,10 +15,12 @@ time and of process CPU time are reported (CPU time is what to compare on a shar
 Agreement: the custom kernel's selection equals the function body's index for index, and the
 largest output difference. Prints a table, writes JSON and a PNG plot.
 
---coverage builds every causal LM of the installed transformers from a tiny random config
-(tests/onnx/onnx_architectures.py), and for each that the Hugging Face route optimizes exports
-its decode step and checks that a 16-step greedy loop in onnxruntime gives the PyTorch GSA
-model's tokens; writes benchmarks/results/onnx_coverage.json."""
+--coverage builds every causal LM of the installed transformers that the Hugging Face sweep
+(benchmarks/coverage.py, its results JSON) optimizes, from that sweep's tiny random config, with
+the GSA config of tests/onnx/onnx_architectures.py (4-token blocks, layer 1 on reusing layer 0's
+selection), exports its decode step and checks that a 16-step greedy loop in onnxruntime gives
+the PyTorch GSA model's tokens; one architecture at a time in a forked process; writes
+benchmarks/results/onnx_coverage.json after each."""
 
 from __future__ import annotations
 
@@ -259,13 +261,15 @@ def run_bench(args) -> int:
 
 
 # ---------------------------------------------------------------------- coverage sweep
-def _check_architecture(model_type: str, queue) -> None:
-    sys.path.insert(0, os.path.join(ROOT, "tests", "onnx"))
+def _check_architecture(model_type: str, class_name: str, queue) -> None:
+    sys.path[:0] = [HERE, os.path.join(ROOT, "tests", "onnx")]
+    import coverage as hf_coverage
     import onnx_architectures as arch
 
+    torch.set_num_threads(1)
     started = time.time()
     try:
-        model = arch.build(model_type, layers=3)
+        model = hf_coverage.build(model_type, class_name)
         config = arch.gsa_config(model)
     except Exception as exc:  # the tiny config or model cannot be built here
         queue.put(dict(outcome="unbuildable", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
@@ -281,7 +285,9 @@ def _check_architecture(model_type: str, queue) -> None:
         with tempfile.TemporaryDirectory() as directory:
             tokens, _ = arch.generated_by_onnxruntime(model, config, os.path.join(directory, "m.onnx"), ids, mask)
     except Exception as exc:
-        queue.put(dict(outcome="refused" if "GSAError" in type(exc).__name__ else "fail",
+        from gsa_compile.errors import GSAError
+
+        queue.put(dict(outcome="refused" if isinstance(exc, GSAError) else "fail",
                        reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", sparse_calls=sparse_calls))
         return
     equal = bool((tokens == expected).all())
@@ -293,6 +299,20 @@ def _check_architecture(model_type: str, queue) -> None:
                    seconds=round(time.time() - started, 1)))
 
 
+def _hf_statuses() -> dict:
+    """model type -> the Hugging Face sweep's status (benchmarks/results/coverage_hf.json)."""
+    path = os.path.join(RESULTS, "coverage_hf.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        return {name: entry["status"] for name, entry in json.load(handle)["results"].items()}
+
+
+# HF sweep statuses whose architectures the ONNX sweep checks: the route optimizes them (or runs
+# them dense for a stated reason, which the export must refuse with that reason).
+CHECKED_HF_STATUSES = ("pass", "dense", "fail")
+
+
 def run_coverage(args) -> int:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -301,13 +321,18 @@ def run_coverage(args) -> int:
     if os.path.exists(path) and not args.fresh:
         with open(path) as handle:
             results = json.load(handle)["architectures"]
-    wanted = args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    hf = _hf_statuses()
+    names = dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    wanted = args.only.split(",") if args.only else sorted(names)
     context = multiprocessing.get_context("fork")
     for model_type in wanted:
         if model_type in results and not args.only:
             continue
+        if not args.only and hf and hf.get(model_type) not in CHECKED_HF_STATUSES:
+            results[model_type] = dict(outcome="not run", reason=f"Hugging Face sweep: {hf.get(model_type, 'absent')}")
+            continue
         queue = context.Queue()
-        process = context.Process(target=_check_architecture, args=(model_type, queue))
+        process = context.Process(target=_check_architecture, args=(model_type, names[model_type], queue))
         process.start()
         process.join(args.timeout)
         if process.is_alive():
@@ -316,14 +341,20 @@ def run_coverage(args) -> int:
             results[model_type] = dict(outcome="timeout", reason=f"over {args.timeout} s")
         else:
             results[model_type] = queue.get() if not queue.empty() else dict(outcome="fail", reason="crashed")
+        results[model_type]["hf_sweep"] = hf.get(model_type, "absent")
         print(f"{model_type:28s} {results[model_type]['outcome']:30s} {results[model_type].get('reason', '')}",
               flush=True)
-        write_json(path, dict(transformers=__import__("transformers").__version__, architectures=results))
-    counts = {}
+        write_json(path, dict(transformers=__import__("transformers").__version__, architectures=results,
+                              totals=coverage_totals(results)))
+    print(format_table([["outcome", "architectures"], *sorted(coverage_totals(results).items())]))
+    return 0
+
+
+def coverage_totals(results: dict) -> dict:
+    counts: dict = {}
     for entry in results.values():
         counts[entry["outcome"]] = counts.get(entry["outcome"], 0) + 1
-    print(format_table([["outcome", "architectures"], *sorted(counts.items())]))
-    return 0
+    return counts
 
 
 def main(argv=None) -> int:
@@ -343,7 +374,7 @@ def main(argv=None) -> int:
     parser.add_argument("--coverage", action="store_true", help="run the architecture sweep instead")
     parser.add_argument("--only", help="comma-separated model types for --coverage")
     parser.add_argument("--fresh", action="store_true", help="--coverage: ignore earlier results")
-    parser.add_argument("--timeout", type=int, default=600, help="--coverage: seconds per architecture")
+    parser.add_argument("--timeout", type=int, default=300, help="--coverage: seconds per architecture")
     args = parser.parse_args(argv)
     return run_coverage(args) if args.coverage else run_bench(args)
 
