@@ -26,6 +26,8 @@ from .schemas import (
 
 # The attributes of the calling node a SelectTopBlocks call inside another body forwards.
 _SELECTION_ATTRS = (("chunk_size", A.INT), ("repre", A.STRING), ("scope", A.STRING))
+# ... and a SparseAttention call.
+_ATTENTION_ATTRS = (("chunk_size", A.INT), ("scale", A.FLOAT), ("softcap", A.FLOAT))
 
 
 class _Attrs:
@@ -107,10 +109,11 @@ def _site(e: Emitter, select: Callable) -> list[str]:
     """The body shared by Attention and ReuseAttention: mask -> valid keys, budget, the selection
     select(e, site) -> blocks, then the dense-fallback If whose sparse branch attends the blocks.
 
-    The selection is made outside the If, on the last query token, even for a call that runs
-    dense: it costs a pass over the codes, little beside dense attention, and keeps the
-    selection kernel (gsa.SelectTopBlocks) a node of the body itself, where a runtime's
-    registered kernel replaces it; nodes inside If branches cannot read the node's attributes."""
+    The selection and the attention over the selected blocks are made outside the If, on the
+    last query token, even for a call that runs dense: they cost a pass over the codes and a
+    read of k blocks, little beside dense attention, and keep the kernels (gsa.SelectTopBlocks,
+    gsa.SparseAttention) nodes of the body itself, where a runtime's registered kernels replace
+    them; nodes inside If branches cannot read the calling node's attributes."""
     attrs = _Attrs(e)
     chunk, scale, softcap = attrs.chunk(), attrs.float("scale"), attrs.float("softcap")
     is_causal, must_select = attrs.flag("is_causal"), attrs.ints("must_select")
@@ -131,17 +134,16 @@ def _site(e: Emitter, select: Callable) -> list[str]:
     dense_out = steps.dense_attention(dense_branch, "query", "key", "value", "attn_mask", is_causal, scale, softcap)
     dense_blocks = steps.every_block(dense_branch, "key", n_blocks)
 
+    # The mask row of the last query token as given: SparseAttention broadcasts it.
+    sparse_out = e.call(DOMAIN, SPARSE_ATTENTION.name, site.query, "key", "value", blocks, valid,
+                        steps.last_token(e, "attn_mask"), forwarded=_ATTENTION_ATTRS)
     sparse_branch = e.branch()
-    bias = steps.last_row_bias(sparse_branch, "attn_mask", "query", num_keys)
-    sparse_out = steps.sparse_attention(
-        sparse_branch, site.query, "key", "value", blocks, valid, bias, chunk, scale, softcap
-    )
     sparse_blocks = steps.pad_blocks(sparse_branch, blocks, n_blocks)
 
     return e.op(
         "If", dense, outputs=2,
         then_branch=dense_branch.graph("dense", [dense_out, dense_blocks]),
-        else_branch=sparse_branch.graph("sparse", [sparse_out, sparse_blocks]),
+        else_branch=sparse_branch.graph("sparse", [sparse_branch.op("Identity", sparse_out), sparse_blocks]),
     )
 
 

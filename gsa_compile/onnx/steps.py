@@ -144,11 +144,6 @@ def last_token(e: Emitter, x: str) -> str:
     return e.op("Slice", x, e.ints(-1), e.ints(INT64_MAX), e.ints(2))
 
 
-def last_row_bias(e: Emitter, attn_mask: str, query: str, num_keys: str) -> str:
-    """The mask row of the last query token, expanded to [B, Hq, 1, L]."""
-    return e.op("Expand", last_token(e, attn_mask), e.cat(e.dims(query, 0, 2), e.ints(1), num_keys))
-
-
 def valid_keys(e: Emitter, attn_mask: str, query: str, num_keys: str) -> str:
     """bool [B, L]: keys that some query head may attend in the last mask row (above -inf).
     Read from the mask as given: broadcasting it over heads first would change no value."""

@@ -94,7 +94,12 @@ def prompt(batch: int = 2, pad: int = 5):
 
 def generated_by_pytorch(model, config, ids, mask, new_tokens: int = NEW_TOKENS):
     """(tokens, sparse calls) of the Hugging Face GSA route on a copy of `model`."""
+    import transformers
+
     optimized = gsa_compile.optimize(copy.deepcopy(model), config)
+    # Plain greedy decoding: a family's generation defaults (a forced end token, repetition
+    # penalties, suppressed tokens) are no part of the decode step the export runs.
+    optimized.generation_config = transformers.GenerationConfig(bos_token_id=1, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         out = optimized.generate(
             torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=new_tokens,

@@ -1,8 +1,11 @@
-"""gsa_compile.onnx.session: the gsa selection runs this project's CPU kernel inside
-onnxruntime (through onnxruntime-extensions), and agrees with the model-local functions that
-stock onnxruntime runs, on single nodes and on a whole decode step."""
+"""gsa_compile.onnx.session: the gsa selection and sparse attention run this project's CPU
+kernels inside onnxruntime (registered through its C API, reading its buffers in place), and
+agree with the model-local functions that stock onnxruntime runs."""
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
 
 import numpy as np
 import onnxruntime as ort
@@ -14,8 +17,8 @@ import gsa_compile
 from gsa_compile import functional as F
 from gsa_compile.onnx import runtime
 
-pytest.importorskip("onnxruntime_extensions", reason="the custom kernels need gsa-compile[onnx-fast] "
-                                                     "(onnxruntime-extensions)")
+if runtime.availability() is not None:
+    pytest.skip(f"the gsa kernels cannot be registered here: {runtime.availability()}", allow_module_level=True)
 
 KV_HEADS, GROUPS, DIM, BITS, CHUNK = 2, 3, 16, 32, 8
 
@@ -45,9 +48,10 @@ def test_an_attention_node_runs_the_cpu_kernel_and_agrees_with_the_function(repr
     stock, fast = _sessions(node)
     for batch, keys in ((2, 200), (3, 77), (1, 513)):
         inputs = {name: t.numpy() for name, t in _inputs(batch, keys, seed=keys).items()}
-        before = runtime.calls["SelectTopBlocks"]
+        before = dict(runtime.calls)
         out, blocks = fast.run(None, inputs)
-        assert runtime.calls["SelectTopBlocks"] == before + 1
+        for op in ("SelectTopBlocks", "SparseAttention"):
+            assert runtime.calls[op] == before.get(op, 0) + 1
         expected_out, expected_blocks = stock.run(None, inputs)
         np.testing.assert_array_equal(blocks, expected_blocks)
         np.testing.assert_allclose(out, expected_out, atol=1e-5)
@@ -66,11 +70,65 @@ def test_a_select_blocks_node_runs_the_cpu_kernel_and_agrees_with_the_function()
     assert runtime.calls["SelectTopBlocks"] == before + 1
 
 
-def test_without_onnxruntime_extensions_the_session_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(runtime, "availability", lambda: "onnxruntime-extensions is not installed")
-    monkeypatch.setattr(runtime, "_REGISTERED", [])
-    with pytest.raises(gsa_compile.GSABackendUnavailable, match="onnxruntime-extensions is not installed"):
+def test_where_the_kernels_cannot_be_registered_the_session_says_why(monkeypatch):
+    from gsa_compile.onnx import native
+
+    monkeypatch.setattr(runtime, "_LIBRARY", [])
+    monkeypatch.setattr(native, "shim_path", lambda: (_ for _ in ()).throw(native.NativeUnavailable("no C compiler")))
+    with pytest.raises(gsa_compile.GSABackendUnavailable, match="no C compiler"):
         runtime.session(b"")
+    assert "no C compiler" in runtime.availability()
+
+
+@contextlib.contextmanager
+def _kernel_replaced(session_maker, name, run):
+    """A session whose gsa.<name> kernels call `run` instead (kernels bind their spec when
+    onnxruntime creates them, at session load)."""
+    library = runtime._library()
+    session = session_maker()
+    kernels = dict(library._kernels)
+    for handle, (spec, attributes) in kernels.items():
+        if spec.name == name:
+            library._kernels[handle] = (dataclasses.replace(spec, run=run), attributes)
+    try:
+        yield session
+    finally:
+        library._kernels.update(kernels)
+
+
+def _one_attention_node():
+    example = {name: t.numpy() for name, t in _inputs(1, 64).items()}
+    node = GSANode("Attention", example, repre="max", scope="per_head",
+                   **site_attrs(chunk_size=CHUNK, budget_tokens=16, scale=DIM ** -0.5))
+    return example, lambda: gsa_compile.onnx.session(node.model.SerializeToString())
+
+
+def test_an_error_inside_a_kernel_is_raised_by_run():
+    example, make = _one_attention_node()
+
+    def broken(inputs, attributes):
+        raise ValueError("kernel bug")
+
+    with _kernel_replaced(make, "SparseAttention", broken) as fast:
+        with pytest.raises(runtime.GSAKernelError, match="kernel bug"):
+            fast.run(None, example)
+        # The next call starts clean.
+        with pytest.raises(runtime.GSAKernelError, match="kernel bug"):
+            fast.run(None, example)
+
+
+def test_kernels_read_the_runtimes_buffers_in_place():
+    """The views a kernel gets are onnxruntime's input buffers: a fed array reaches it unmoved."""
+    example, make = _one_attention_node()
+    seen = {}
+
+    def recording(inputs, attributes):
+        seen["key"] = inputs[1].ctypes.data
+        return runtime.sparse_attention(inputs, attributes)
+
+    with _kernel_replaced(make, "SparseAttention", recording) as fast:
+        fast.run(None, example)
+    assert seen["key"] == example["key"].ctypes.data
 
 
 def test_the_stock_runtime_still_runs_the_file():
@@ -80,3 +138,19 @@ def test_the_stock_runtime_still_runs_the_file():
                    **site_attrs(chunk_size=CHUNK, budget_tokens=16, scale=DIM ** -0.5))
     session = ort.InferenceSession(node.model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, example)[0].shape == (1, KV_HEADS * GROUPS, 1, DIM)
+
+
+def test_a_float16_node_runs_the_kernels_and_agrees_with_the_function():
+    inputs = _inputs(2, 96)
+    example = {name: (t.half() if name in ("query", "key", "value", "attn_mask") else t).numpy()
+               for name, t in inputs.items()}
+    node = GSANode("Attention", example, repre="max", scope="per_head",
+                   **site_attrs(chunk_size=CHUNK, budget_tokens=24, scale=DIM ** -0.5))
+    stock, fast = _sessions(node)
+    before = dict(runtime.calls)
+    out, blocks = fast.run(None, example)
+    assert runtime.calls["SparseAttention"] == before.get("SparseAttention", 0) + 1
+    expected_out, expected_blocks = stock.run(None, example)
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(blocks, expected_blocks)
+    np.testing.assert_allclose(out.astype(np.float32), expected_out.astype(np.float32), atol=2e-3)
