@@ -8,7 +8,8 @@ Variants, side by side in one process, each on one thread:
 - dense ORT: the same file with the dense fallback forced (seq_len_threshold above the cache),
   i.e. exact attention over the whole cache in onnxruntime's standard kernels;
 - function body: stock onnxruntime running the gsa ops' model-local functions;
-- custom kernel: gsa_compile.onnx.session (the CPU selection kernel through onnxruntime-extensions);
+- custom kernel: gsa_compile.onnx.session (this project's CPU kernels for gsa.SelectTopBlocks and
+  gsa.SparseAttention, registered through onnxruntime's C API);
 - PyTorch GSA: the gsa ops eagerly on this project's CPU kernels.
 Each repetition runs the variants back to back (so machine noise hits all alike); medians of wall
 time and of process CPU time are reported (CPU time is what to compare on a shared machine).
@@ -82,10 +83,14 @@ def forced_dense(proto):
     return dense
 
 
-def _run_variants(runs: dict, repeats: int, warmup: int) -> dict:
+def _warm(runs: dict, warmup: int) -> None:
     for _ in range(warmup):
         for run in runs.values():
             run()
+
+
+def _run_variants(runs: dict, repeats: int, warmup: int) -> dict:
+    _warm(runs, warmup)
     times = {name: {"wall": [], "cpu": []} for name in runs}
     outputs = {}
     for _ in range(repeats):
@@ -95,6 +100,13 @@ def _run_variants(runs: dict, repeats: int, warmup: int) -> dict:
             times[name]["cpu"].append(cpu)
     medians = {name: {kind: statistics.median(values) for kind, values in entry.items()} for name, entry in times.items()}
     return {"medians_ms": medians, "outputs": outputs}
+
+
+def _kernel_seconds() -> float:
+    """Process seconds spent so far inside the custom kernels (runtime's library)."""
+    from gsa_compile.onnx import runtime
+
+    return sum(runtime._library().seconds.values())
 
 
 # ---------------------------------------------------------------------- one gsa.Attention call
@@ -126,8 +138,10 @@ def bench_attention(args, keys: int) -> dict:
         query, key, value, weight, key_codes=codes, chunk_size=args.chunk, budget_tokens=args.budget_tokens,
         return_blocks=True,
     )
-    before = runtime.calls["SelectTopBlocks"]
-    result = _run_variants(runs, args.repeats, args.warmup)
+    _warm(runs, args.warmup)
+    before, seconds = runtime.calls["SelectTopBlocks"], _kernel_seconds()
+    result = _run_variants(runs, args.repeats, 0)
+    result["kernels_cpu_ms"] = (_kernel_seconds() - seconds) / args.repeats * 1e3
     outputs = result.pop("outputs")
     body, fast = outputs["function body"], outputs["custom kernel"]
     torch_out, torch_blocks = outputs["PyTorch GSA"]
@@ -141,6 +155,67 @@ def bench_attention(args, keys: int) -> dict:
         max_abs_diff_dense=float(np.abs(fast[0] - outputs["dense ORT"][0]).max()),
     )
     return result
+
+
+# ---------------------------------------------------------------------- the kernel bridge itself
+BRIDGE_SIZES_MB = (0.001, 4, 16, 64)
+
+
+def _probe_model(domain: str) -> bytes:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Probe", ["x"], ["y"], domain=domain)
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(domain, 1)],
+                             ir_version=10).SerializeToString()
+
+
+def bench_bridge(args) -> dict:
+    """CPU ms per call of a custom op that reads nothing and returns one float, fed an input of
+    each size: what handing a kernel its inputs costs, through onnxruntime-extensions' Python
+    custom ops (PyOp: a copy of every input) and through the C API bridge of
+    gsa_compile.onnx.session (views of onnxruntime's buffers)."""
+    import onnxruntime as ort
+
+    from gsa_compile.onnx.native import ELEMENT_TYPES, CustomOpLibrary, KernelSpec
+
+    def options():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        return opts
+
+    def probe(inputs, attributes):
+        return [np.zeros(1, np.float32)]
+
+    float_type = ELEMENT_TYPES["tensor(float)"]
+    library = CustomOpLibrary("gsa_bench", [KernelSpec("Probe", [float_type], [float_type], {}, probe)])
+    bridge_options = options()
+    library.add_to(bridge_options)
+    sessions = {"C API bridge": ort.InferenceSession(_probe_model("gsa_bench"), bridge_options)}
+    try:
+        from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+
+        onnx_op(op_type="gsa_pyop::Probe", inputs=[PyCustomOpDef.dt_float], outputs=[PyCustomOpDef.dt_float])(
+            lambda x: np.zeros(1, np.float32))
+        pyop_options = options()
+        pyop_options.register_custom_ops_library(get_library_path())
+        sessions["onnxruntime-extensions PyOp"] = ort.InferenceSession(_probe_model("gsa_pyop"), pyop_options)
+    except ImportError:
+        pass
+    rows = []
+    for megabytes in BRIDGE_SIZES_MB:
+        x = np.random.default_rng(0).standard_normal(max(int(megabytes * (1 << 20)) // 4, 1), dtype=np.float32)
+        runs = {name: (lambda s=session: s.run(None, {"x": x})) for name, session in sessions.items()}
+        medians = _run_variants(runs, args.repeats * 3, args.warmup)["medians_ms"]
+        rows.append(dict(input_mb=megabytes, **{name: medians[name]["cpu"] for name in sessions}))
+    return dict(what="bridge", variants=list(sessions), rows=rows)
+
+
+def bridge_table(bridge: dict) -> str:
+    header = ["input", *[f"{name} ms (cpu)" for name in bridge["variants"]]]
+    rows = [[f"{row['input_mb']:g} MB", *[f"{row[name]:.3f}" for name in bridge["variants"]]] for row in bridge["rows"]]
+    return format_table([header, *rows])
 
 
 # ---------------------------------------------------------------------- one decode step
@@ -186,8 +261,10 @@ def bench_decode_step(args, step, proto, keys: int) -> dict:
     runs = {name: (lambda s=session: s.run(names, feeds)) for name, session in sessions.items()}
     pytorch = torch_runner(step)
     runs["PyTorch GSA"] = lambda: pytorch(feeds)
-    before = runtime.calls["SelectTopBlocks"]
-    result = _run_variants(runs, args.repeats, args.warmup)
+    _warm(runs, args.warmup)
+    before, seconds = runtime.calls["SelectTopBlocks"], _kernel_seconds()
+    result = _run_variants(runs, args.repeats, 0)
+    result["kernels_cpu_ms"] = (_kernel_seconds() - seconds) / args.repeats * 1e3
     outputs = result.pop("outputs")
     body, fast = outputs["function body"][0], outputs["custom kernel"][0]
     result.update(
@@ -201,7 +278,8 @@ def bench_decode_step(args, step, proto, keys: int) -> dict:
 
 
 def table(results: list) -> str:
-    rows = [["what", "keys", *[f"{name} ms (cpu)" for name in VARIANTS], "body / kernel (cpu)", "agreement"]]
+    rows = [["what", "keys", *[f"{name} ms (cpu)" for name in VARIANTS], "in the kernels (cpu)", "body / kernel (cpu)",
+             "agreement"]]
     for result in results:
         medians = result["medians_ms"]
         cells = [f"{medians[name]['wall']:.1f} ({medians[name]['cpu']:.1f})" for name in VARIANTS]
@@ -212,7 +290,8 @@ def table(results: list) -> str:
         else:
             agreement = (f"token {'equal' if result['same_token_body'] else 'DIFFERS'}, "
                          f"max diff {result['max_abs_diff_body']:.1e}")
-        rows.append([result["what"], result["keys"], *cells, f"{ratio:.2f}x", agreement])
+        rows.append([result["what"], result["keys"], *cells, f"{result['kernels_cpu_ms']:.1f}", f"{ratio:.2f}x",
+                     agreement])
     return format_table(rows)
 
 
@@ -247,13 +326,15 @@ def run_bench(args) -> int:
             step, proto = build_decode_step(args, directory)
             results += [bench_decode_step(args, step, proto, keys) for keys in args.keys]
     print(table(results))
+    bridge = bench_bridge(args)
+    print(bridge_table(bridge))
     shape = dict(q_heads=args.q_heads, kv_heads=args.q_heads // args.groups, dim=args.dim, bits=args.bits,
                  chunk=args.chunk, budget_tokens=args.budget_tokens, batch=1, dtype="float32", threads=1,
                  hidden=args.hidden, layers=args.layers)
     import onnxruntime
 
     payload = dict(shape=shape, load_average=os.getloadavg(), onnxruntime=onnxruntime.__version__,
-                   torch=torch.__version__, results=results)
+                   torch=torch.__version__, results=results, bridge=bridge)
     write_json(args.out + ".json", payload)
     plot(results, args.out + ".png")
     print(f"wrote {args.out}.json and {args.out}.png")

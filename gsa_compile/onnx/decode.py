@@ -95,12 +95,17 @@ class DecodeStep(nn.Module):
         self.runtime = runtime
         self.device_type = device_type
         self.config: GSAConfig = runtime.config
+        # The cache first: it refuses, with the reason, layers that are no attention layer
+        # (recurrent or convolution state), which have no site either.
+        self.layouts = _probe_layouts(model, runtime, name)
         self.num_layers = len(runtime.sites)
+        if sorted(runtime.sites) != list(range(self.num_layers)):
+            raise GSAError(f"{name}: attention layers {sorted(runtime.sites)} are not layers 0..{self.num_layers - 1}; "
+                           f"the ONNX decode step needs every layer to be an attention layer")
         self.sites = [runtime.sites[layer] for layer in range(self.num_layers)]
         self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         self.cache_argument = cache_argument(model)
         self.key_norms = bool(self.config.key_norm_weighting)
-        self.layouts = _probe_layouts(model, runtime, name)
         self.code_layers = [site.layer for site in self.sites if site.policy == "sparse"]
         self._drop_plain_sites()
 

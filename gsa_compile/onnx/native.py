@@ -23,6 +23,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -71,6 +73,9 @@ static gsa_registrar registrar;
 void gsa_set_registrar(gsa_registrar fn) { registrar = fn; }
 void *RegisterCustomOps(void *options, const void *api_base) { return registrar(options, api_base); }
 """
+
+
+_REGISTERING = threading.Lock()
 
 
 class NativeUnavailable(RuntimeError):
@@ -227,12 +232,14 @@ class _Api:
 class CustomOpLibrary:
     """A custom-op domain of Python kernels, registered with onnxruntime session options.
 
-    errors: exceptions raised inside kernels, per thread, for the session to re-raise."""
+    errors: exceptions raised inside kernels, per thread, for the session to re-raise;
+    seconds: process time spent in each op's kernel."""
 
     def __init__(self, domain: str, specs: Sequence[KernelSpec]):
         self.domain = domain
         self.specs = list(specs)
         self.errors = threading.local()
+        self.seconds: Counter = Counter()  # process time inside each op's kernel (the bridge excluded)
         self._path = shim_path()
         self._library = ctypes.CDLL(self._path)
         self._keep: list = []  # every ctypes object onnxruntime holds a pointer to
@@ -243,13 +250,14 @@ class CustomOpLibrary:
         self._api: Optional[_Api] = None
         self._registrar = ctypes.CFUNCTYPE(_P, _P, _P)(self._register)
         self._library.gsa_set_registrar.argtypes = [ctypes.CFUNCTYPE(_P, _P, _P)]
-        self._library.gsa_set_registrar(self._registrar)
         self._registration_error: Optional[BaseException] = None
 
     def add_to(self, options) -> None:
         """Register the domain with onnxruntime SessionOptions."""
         self._registration_error = None
-        options.register_custom_ops_library(self._path)
+        with _REGISTERING:  # the shim forwards to one registrar at a time: this library's, now
+            self._library.gsa_set_registrar(self._registrar)
+            options.register_custom_ops_library(self._path)
         if self._registration_error is not None:
             raise self._registration_error
 
@@ -313,8 +321,10 @@ class CustomOpLibrary:
 
     def _compute(self, handle, context) -> None:
         spec, attributes = self._kernels[handle]
+        started = time.process_time()
         try:
             results = spec.run(self._api.inputs(context), attributes)
+            self.seconds[spec.name] += time.process_time() - started
             for index, result in enumerate(results):
                 result = np.asarray(result)
                 self._api.output(context, index, result.shape)[...] = result
