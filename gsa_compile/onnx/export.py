@@ -178,6 +178,7 @@ def export_onnx(
         return _export_causal_lm(model, args, path, config, kwargs, dynamic_shapes, input_names, output_names,
                                  device_type)
     program = capture(model, args, config=config, kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+    refuse_complex(program)
     logger.info("exporting %d gsa nodes: %s", len(gsa_nodes(program)), sorted(set(gsa_nodes(program))))
     onnx_program = torch.onnx.export(
         program, dynamo=True, custom_translation_table=translation_table(),
@@ -195,6 +196,20 @@ def export_onnx(
     onnx.save(proto, path)
     onnx.checker.check_model(path, full_check=True)
     return proto
+
+
+def refuse_complex(program: torch.export.ExportedProgram) -> None:
+    """ONNX has no complex tensor type: a program that computes one (a rotary embedding written
+    as complex multiplication) is refused, naming the first such op and the module it is in."""
+    for node in program.graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dtype.is_complex:
+            stack = node.meta.get("nn_module_stack") or {}
+            where = next(reversed(stack.values()))[0] if stack else "the model"
+            raise GSAError(
+                f"{node.target} in {where} computes a {value.dtype} tensor; ONNX has no complex type, so this "
+                f"model cannot be exported (a rotary embedding written with real cos/sin products can)"
+            )
 
 
 def is_causal_lm(model) -> bool:

@@ -203,3 +203,15 @@ def test_an_additive_float_mask_with_per_head_bias_matches_pytorch(tmp_path):
             expected = module(*inputs)
         got = session.run(None, {name: t.numpy() for name, t in zip(NAMES, inputs)})
         np.testing.assert_allclose(got[0], expected[0].numpy(), atol=1e-4)
+
+
+def test_a_program_computing_complex_tensors_is_refused_with_the_op_and_module():
+    from gsa_compile.onnx.export import refuse_complex
+
+    class Rotary(torch.nn.Module):
+        def forward(self, x):
+            return torch.view_as_real(torch.view_as_complex(x.reshape(2, -1, 2)) * torch.polar(x[:1, 0, :1], x[:1, 0, :1]))
+
+    program = torch.export.export(Rotary(), (torch.randn(2, 3, 4),))
+    with pytest.raises(gsa_compile.GSAError, match="complex"):
+        refuse_complex(program)
