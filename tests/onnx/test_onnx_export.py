@@ -93,9 +93,11 @@ def test_every_gsa_site_is_a_gsa_node_with_its_attributes_and_function(sparse_ex
     assert attrs["repre"] == b"sum" and attrs["scope"] == b"per_head" and attrs["budget_tokens"] == 0
     assert onnx.numpy_helper.to_array(attrs["top_k_ratio"]) == 0.3
     assert attrs["seq_len_threshold"] == 16 and attrs["scale"] == pytest.approx(DIM ** -0.5)
-    # Attention's body calls SelectTopBlocks (the selection kernel a runtime may provide): its function too.
+    # Attention's body calls SelectTopBlocks and SparseAttention (the kernels a runtime may
+    # provide): their functions too.
     functions = {(f.domain, f.name) for f in proto.functions}
-    assert functions == {(DOMAIN, "Encode"), (DOMAIN, "Attention"), (DOMAIN, "SelectTopBlocks")}
+    assert functions == {(DOMAIN, "Encode"), (DOMAIN, "Attention"), (DOMAIN, "SelectTopBlocks"),
+                         (DOMAIN, "SparseAttention")}
     assert any(o.domain == DOMAIN and o.version == OPSET_VERSION for o in proto.opset_import)
 
 
