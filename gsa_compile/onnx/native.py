@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ _SIGNATURES = dict(
 # ONNXTensorElementDataType <-> numpy.
 ELEMENT_TYPES = {
     "tensor(float)": 1, "tensor(uint8)": 2, "tensor(int32)": 6, "tensor(int64)": 7, "tensor(bool)": 9,
-    "tensor(float16)": 10, "tensor(double)": 11, "tensor(bfloat16)": 16,
+    "tensor(float16)": 10, "tensor(double)": 11,
 }
 _NUMPY = {1: np.float32, 2: np.uint8, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64}
 
@@ -130,8 +131,9 @@ class _CustomOp(ctypes.Structure):
 @dataclass(frozen=True)
 class KernelSpec:
     """One custom op: its name, ONNX element types of inputs and outputs (one spec per type
-    combination; specs may share a name), the attributes its kernel reads (name -> 'int', 'float', 'string' or 'ints') and the kernel,
-    run(inputs: list of numpy views, attributes: dict) -> list of output arrays/tensors."""
+    combination; specs may share a name), the attributes its kernel reads (name -> 'int',
+    'float', 'string' or 'ints') and the kernel, run(inputs: list of torch tensors viewing
+    onnxruntime's buffers, attributes: dict) -> list of output tensors or arrays."""
 
     name: str
     inputs: Sequence[int]
@@ -190,7 +192,7 @@ class _Api:
         raise ValueError(f"attribute kind {kind!r} is not readable through version {API_VERSION} of the C API")
 
     # ---------------------------------------------------------------- tensors
-    def _view(self, value, shape=None) -> np.ndarray:
+    def _view(self, value, shape=None) -> torch.Tensor:
         info = _P()
         self.check(self.GetTensorTypeAndShape(value, ctypes.byref(info)))
         try:
@@ -206,11 +208,13 @@ class _Api:
         dtype = np.dtype(_NUMPY[element.value])
         count = int(np.prod(shape, dtype=np.int64))
         if count == 0:
-            return np.empty(shape, dtype)
-        data = _P()
-        self.check(self.GetTensorMutableData(value, ctypes.byref(data)))
-        buffer = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(data.value)
-        return np.frombuffer(buffer, dtype).reshape(shape)
+            array = np.empty(shape, dtype)
+        else:
+            data = _P()
+            self.check(self.GetTensorMutableData(value, ctypes.byref(data)))
+            buffer = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(data.value)
+            array = np.frombuffer(buffer, dtype).reshape(shape)
+        return torch.from_numpy(array)
 
     def inputs(self, context) -> list:
         count = _S()
@@ -222,7 +226,7 @@ class _Api:
             views.append(self._view(value))
         return views
 
-    def output(self, context, index: int, shape) -> np.ndarray:
+    def output(self, context, index: int, shape) -> torch.Tensor:
         dims = (ctypes.c_int64 * max(len(shape), 1))(*shape)
         value = _P()
         self.check(self.KernelContext_GetOutput(context, index, dims, len(shape), ctypes.byref(value)))
@@ -326,8 +330,8 @@ class CustomOpLibrary:
             results = spec.run(self._api.inputs(context), attributes)
             self.seconds[spec.name] += time.process_time() - started
             for index, result in enumerate(results):
-                result = np.asarray(result)
-                self._api.output(context, index, result.shape)[...] = result
+                result = torch.as_tensor(result)
+                self._api.output(context, index, tuple(result.shape)).copy_(result)
         except BaseException as exc:  # kept for the session's run to raise
             logger.error("gsa.%s kernel failed: %s", spec.name, exc)
             pending = getattr(self.errors, "pending", None)

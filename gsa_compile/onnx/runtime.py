@@ -22,7 +22,6 @@ import threading
 from collections import Counter
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from ..errors import GSABackendUnavailable, GSAError
@@ -50,34 +49,29 @@ def availability() -> Optional[str]:
     return None
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    """A torch view of an onnxruntime input buffer (no copy)."""
-    return torch.from_numpy(array)
-
-
-def _valid(valid: np.ndarray, batch: int, num_keys: int) -> Optional[torch.Tensor]:
+def _valid(valid: torch.Tensor, batch: int, num_keys: int) -> Optional[torch.Tensor]:
     """The schema's valid (broadcastable to [B, L]) as the kernels take it: None when all True."""
-    if valid.size == 1 and bool(valid.reshape(-1)[0]):
+    if valid.numel() == 1 and bool(valid.reshape(-1)[0]):
         return None
-    return _tensor(valid).expand(batch, num_keys)
+    return valid.expand(batch, num_keys)
 
 
-def _key_norms(key_norms: np.ndarray) -> Optional[torch.Tensor]:
+def _key_norms(key_norms: torch.Tensor) -> Optional[torch.Tensor]:
     """None for the neutral [1, 1, 1] one (unweighted scores)."""
-    if key_norms.size == 1 and float(key_norms.reshape(-1)[0]) == 1.0:
+    if key_norms.numel() == 1 and float(key_norms.reshape(-1)[0]) == 1.0:
         return None
-    return _tensor(key_norms)
+    return key_norms
 
 
 def select_top_blocks(inputs: list, attributes: dict) -> list:
-    """The gsa.SelectTopBlocks kernel (docs/onnx.md)."""
+    """The gsa.SelectTopBlocks kernel (docs/onnx.md) on torch views of onnxruntime's inputs."""
     from ..kernels import dispatch
 
     query, key_codes, weight, valid, key_norms, k, must_select = inputs
     calls[SELECT_TOP_BLOCKS.name] += 1
     batch, _, num_keys, _ = key_codes.shape
     blocks = dispatch(
-        "select_blocks", "cpu", _tensor(query), _tensor(key_codes), _tensor(weight),
+        "select_blocks", "cpu", query, key_codes, weight,
         _valid(valid, batch, num_keys), _key_norms(key_norms), attributes["chunk_size"], int(k.reshape(-1)[0]),
         [int(b) for b in must_select.reshape(-1)], attributes["repre"], attributes["scope"],
     )
@@ -85,7 +79,7 @@ def select_top_blocks(inputs: list, attributes: dict) -> list:
 
 
 def sparse_attention(inputs: list, attributes: dict) -> list:
-    """The gsa.SparseAttention kernel (docs/onnx.md)."""
+    """The gsa.SparseAttention kernel (docs/onnx.md) on torch views of onnxruntime's inputs."""
     from ..kernels import dispatch
 
     query, key, value, blocks, valid, attn_bias = inputs
@@ -94,12 +88,11 @@ def sparse_attention(inputs: list, attributes: dict) -> list:
     num_keys = key.shape[2]
     # The schema's bias broadcasts to [B, Hq, 1, L]; the kernel takes [B, 1 or Hq, 1, L] or None.
     bias = None
-    if attn_bias.any():
-        bias = _tensor(attn_bias)
-        bias = bias.expand(batch, q_heads if bias.shape[1] > 1 else 1, 1, num_keys)
+    if bool(attn_bias.any()):
+        bias = attn_bias.expand(batch, q_heads if attn_bias.shape[1] > 1 else 1, 1, num_keys)
     softcap = attributes["softcap"]
     out = dispatch(
-        "sparse_attention", "cpu", _tensor(query), _tensor(key), _tensor(value), _tensor(blocks),
+        "sparse_attention", "cpu", query, key, value, blocks,
         _valid(valid, batch, num_keys), bias, attributes["chunk_size"], attributes["scale"],
         softcap if softcap > 0 else None,
     )
@@ -107,7 +100,8 @@ def sparse_attention(inputs: list, attributes: dict) -> list:
 
 
 # The float types T a kernel is registered for (one OrtCustomOp per type: onnxruntime infers an
-# output's type from a single type-generic input only). A bfloat16 file runs its functions.
+# output's type from a single type-generic input only). No bfloat16: onnxruntime's CPU provider
+# lacks standard ops the bodies use (Greater) for it, so a bfloat16 file cannot run there anyway.
 KERNEL_FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 
 
