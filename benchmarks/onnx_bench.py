@@ -358,6 +358,7 @@ def _check_architecture(model_type: str, class_name: str, queue) -> None:
     started = time.time()
     try:
         model = hf_coverage.build(model_type, class_name)
+        _randomize_zero_matrices(model)
         config = arch.gsa_config(model)
     except Exception as exc:  # the tiny config or model cannot be built here
         queue.put(dict(outcome="unbuildable", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
@@ -385,6 +386,18 @@ def _check_architecture(model_type: str, class_name: str, queue) -> None:
         outcome, reason = f"{outcome}, PyTorch GSA made no sparse call", reason or "the HF route ran every call dense"
     queue.put(dict(outcome=outcome, sparse_calls=int(sparse_calls), reason=reason,
                    seconds=round(time.time() - started, 1)))
+
+
+def _randomize_zero_matrices(model) -> None:
+    """Give weight matrices that the family initializes to zeros (router gates) seeded random
+    values: a zero gate ties every expert's score, and torch.topk and ONNX TopK break exact
+    ties differently (torch picked experts 2, 3 of 4 where onnxruntime picked 0, 1), which
+    would compare tie-breaking instead of the export. Both runs then use the same weights."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and parameter.is_floating_point() and not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
 
 
 def _hf_statuses() -> dict:
