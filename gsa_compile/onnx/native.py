@@ -312,7 +312,10 @@ class CustomOpLibrary:
     # ---------------------------------------------------------------- kernels
     def _create_kernel(self, op, api, info):
         spec = self._spec(op)
-        attributes = {name: self._api.attribute(info, name, kind) for name, kind in spec.attributes.items()}
+        try:
+            attributes = {name: self._api.attribute(info, name, kind) for name, kind in spec.attributes.items()}
+        except BaseException as exc:  # a callback cannot raise: the kernel's calls raise it instead
+            attributes = exc
         with self._lock:
             handle = self._next_kernel
             self._next_kernel += 1
@@ -327,6 +330,8 @@ class CustomOpLibrary:
         spec, attributes = self._kernels[handle]
         started = time.process_time()
         try:
+            if isinstance(attributes, BaseException):
+                raise attributes
             results = spec.run(self._api.inputs(context), attributes)
             self.seconds[spec.name] += time.process_time() - started
             for index, result in enumerate(results):
