@@ -282,8 +282,12 @@ def _export_attention(model):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     from ..capture.hf import gsa_disabled
+    from ..capture.hf_sites import attention_owner
 
     runtime = model.gsa_runtime
+    # The module whose attention the route replaced (a multimodal model's text model: its
+    # other towers keep theirs, some of which accept no other implementation).
+    owner = attention_owner(model)
     AttentionInterface.register(IMPLEMENTATION, attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS[runtime.original_implementation])
     experts = getattr(model.config, "_experts_implementation", None)
@@ -291,13 +295,13 @@ def _export_attention(model):
     # translation; batched_mm computes the same products with standard ops.
     switch_experts = experts not in (None, EXPORTABLE_EXPERTS) and model._can_set_experts_implementation()
     with gsa_disabled(model):
-        model.set_attn_implementation(IMPLEMENTATION)
+        owner.set_attn_implementation(IMPLEMENTATION)
         if switch_experts:
             model.set_experts_implementation(EXPORTABLE_EXPERTS)
         try:
             yield
         finally:
-            model.set_attn_implementation(runtime.original_implementation)
+            owner.set_attn_implementation(runtime.original_implementation)
             if switch_experts:
                 model.set_experts_implementation(experts)
 
