@@ -277,10 +277,6 @@ def check_model(model_type: str, class_name: str, fx_compiler: str = FX_COMPILER
         return {**result, "status": "no_attention", "stage": "optimize",
                 "reason": "no attention module (state-space or recurrent layers)"}
     fx_reason = not_interface_reason(original, found)
-    result["route"] = "fx" if fx_reason else "hf"
-    if fx_reason:
-        result["route_reason"] = fx_reason
-        return _check_fx(result, original, fx_compiler)
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, VOCAB, (1, PROMPT), generator=generator)
     long_prompt = torch.randint(3, VOCAB, (1, LONG_PROMPT), generator=generator)
@@ -288,6 +284,10 @@ def check_model(model_type: str, class_name: str, fx_compiler: str = FX_COMPILER
         expected = _generate(original, prompt, NEW_TOKENS)
     except Exception as exc:
         return {**result, "status": "unbuildable", "reason": f"dense generate: {type(exc).__name__}: {_first_line(exc)}"}
+    result["route"] = "fx" if fx_reason else "hf"
+    if fx_reason:
+        result["route_reason"] = fx_reason
+        return _check_fx(result, original, fx_compiler, prompt, long_prompt, expected)
     stage = "optimize"
     try:
         full, small = gsa_configs(original)
@@ -322,20 +322,13 @@ def check_model(model_type: str, class_name: str, fx_compiler: str = FX_COMPILER
     return {**result, "status": "pass"}
 
 
-def _check_fx(result: dict, original, compiler: str) -> dict:
+def _check_fx(result: dict, original, compiler: str, prompt, long_prompt, expected) -> dict:
     """The FX route's check, as the HF route's: `optimize` + greedy generate equal to the original
     at full budget; at the small budget the sparse path must select blocks (select_blocks calls
     counted at the kernel dispatcher, which every gsa op goes through)."""
     import gsa_compile
     from gsa_compile import kernels
 
-    generator = torch.Generator().manual_seed(1)
-    prompt = torch.randint(3, VOCAB, (1, PROMPT), generator=generator)
-    long_prompt = torch.randint(3, VOCAB, (1, LONG_PROMPT), generator=generator)
-    try:
-        expected = _generate(original, prompt, NEW_TOKENS)
-    except Exception as exc:
-        return {**result, "status": "unbuildable", "reason": f"dense generate: {type(exc).__name__}: {_first_line(exc)}"}
     calls: Counter = Counter()
     dispatch = kernels.dispatch
 

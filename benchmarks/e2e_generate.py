@@ -410,23 +410,32 @@ def plot(rows: list[dict], path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--shapes", default="8x32768,8x65536,1x131072,4x131072",
-                        help="comma-separated BATCHxPROMPT")
+def add_run_arguments(parser: argparse.ArgumentParser, layers: int, shapes: str) -> None:
+    """The options every end-to-end benchmark takes (this one and e2e_tp.py)."""
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--shapes", default=shapes, help="comma-separated BATCHxPROMPT")
     parser.add_argument("--paths", default=",".join(STATIC_PATHS + EAGER_PATHS))
     parser.add_argument("--dynamic-shapes", default="32768", help="prompt lengths that also run the eager paths")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--budget-tokens", type=int, default=2048)
     parser.add_argument("--agreement", default="", help="BATCHxPROMPT of a full-budget agreement run")
-    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test of the paths)")
-    parser.add_argument("--plot", action="store_true")
-    parser.add_argument("--out", default="e2e_out")
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.paths = tuple(p for p in args.paths.split(",") if p)
     args.dynamic_shapes = {int(p) for p in args.dynamic_shapes.split(",") if p}
     args.agreement = tuple(int(x) for x in args.agreement.split("x")) if args.agreement else None
+    return args
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, layers=32, shapes="8x32768,8x65536,1x131072,4x131072")
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test of the paths)")
+    parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--out", default="e2e_out")
+    args = parse_run_arguments(parser, argv)
     device = "cpu" if args.tiny else "cuda"
     os.makedirs(args.out, exist_ok=True)
 

@@ -31,8 +31,8 @@ from gsa_compile.sharding import is_dtensor
 from gsa_compile.tables import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_generate import (EAGER_PATHS, STATIC_PATHS, TINY, agreement, copy_bandwidth, run_shape,  # noqa: E402
-                          table, weight_bytes)
+from e2e_generate import (TINY, add_run_arguments, agreement, copy_bandwidth, parse_run_arguments,  # noqa: E402
+                          run_shape, table, weight_bytes)
 
 LLAMA_31_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                     head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=262144)
@@ -84,24 +84,14 @@ def fits(model, batch: int, prompt: int, args) -> tuple[bool, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=80)
     # At 80 layers a batch of 8 at 64K or 128K tokens does not fit two 141 GB GPUs (the table
     # says so); --layers 40 makes room for them.
-    parser.add_argument("--shapes", default="8x32768,4x65536,2x131072,8x65536,8x131072",
-                        help="comma-separated BATCHxPROMPT")
-    parser.add_argument("--paths", default=",".join(STATIC_PATHS + EAGER_PATHS))
-    parser.add_argument("--dynamic-shapes", default="32768", help="prompt lengths that also run the eager paths")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--budget-tokens", type=int, default=2048)
-    parser.add_argument("--agreement", default="", help="BATCHxPROMPT of a full-budget agreement run")
+    add_run_arguments(parser, layers=80, shapes="8x32768,4x65536,2x131072,8x65536,8x131072")
     parser.add_argument("--headroom", type=float, default=1.15,
                         help="memory factor over weights + cache + codes a shape needs to run")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU, gloo (smoke test)")
     parser.add_argument("--out", default="e2e_tp_out")
-    args = parser.parse_args(argv)
-    args.paths = tuple(p for p in args.paths.split(",") if p)
-    args.dynamic_shapes = {int(p) for p in args.dynamic_shapes.split(",") if p}
-    args.agreement = tuple(int(x) for x in args.agreement.split("x")) if args.agreement else None
+    args = parse_run_arguments(parser, argv)
 
     device_type = "cpu" if args.tiny else "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
