@@ -58,9 +58,12 @@ SCRIPT = textwrap.dedent('''
                       "CHUNK": 128, "BLOCK_N": 64, "TILES_PER_BLOCK": 2, "HAS_VALID": True, "HAS_BIAS": True,
                       "BIAS_PER_HEAD": True, "HAS_SOFTCAP": True, "FP32_DOT": False, "NUM_STAGES": 2,
                       "COUNT_TILE": decode_attention.COUNT_TILE})
-    compile_for_sm90(decode_attention._merge_splits_kernel,
-                     {"acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "out_ptr": "*bf16"},
-                     {"GROUPS": 4, "BLOCK_G": 16, "DIM_V": 128, "BLOCK_DV": 128, "BLOCK_S": 16})
+    for sinks in (False, True):
+        compile_for_sm90(decode_attention._merge_splits_kernel,
+                         {"acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "sinks_ptr": "*bf16",
+                          "out_ptr": "*bf16"},
+                         {"GROUPS": 4, "BLOCK_G": 16, "DIM_V": 128, "BLOCK_DV": 128, "BLOCK_S": 16,
+                          "HAS_SINKS": sinks})
     print("compiled")
 ''')
 
