@@ -50,16 +50,9 @@ DEFAULT_CONFIG = dict(
     pad_token_id=tasks.PAD,
 )
 
-GEOMETRY128_CONFIG = dict(
-    DEFAULT_CONFIG,
-    vocab_size=text.TEXT_VOCAB_SIZE,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=128,
-)
+# The shipped model's widths with LLM attention geometry: head dim 128 (attention 1024 wide over
+# a 256-wide residual), 12 layers, and the byte tokens of the text signal.
+GEOMETRY128_CONFIG = dict(DEFAULT_CONFIG, vocab_size=text.TEXT_VOCAB_SIZE, num_hidden_layers=12, head_dim=128)
 
 MODEL_CONFIGS = {"default": DEFAULT_CONFIG, "geometry128": GEOMETRY128_CONFIG}
 

@@ -264,11 +264,7 @@ def _calls_interface(module_class: type) -> bool:
     for cls in module_class.__mro__:
         if cls in (nn.Module, object) or not cls.__module__.startswith("transformers."):
             continue
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            continue
-        if any(marker in source for marker in INTERFACE_MARKERS):
+        if any(marker in _class_source(cls) for marker in INTERFACE_MARKERS):
             return True
     return False
 
@@ -276,31 +272,22 @@ def _calls_interface(module_class: type) -> bool:
 def passes_key_selection(module_class: type) -> bool:
     """Whether the class hands a key selection of its own (`indices=`, `block_indices=`, from
     a DSA-style indexer, its own or the layer's before) to its attention function."""
-    return _passes_key_selection(module_class)
-
-
-@functools.lru_cache(maxsize=None)
-def _passes_key_selection(module_class: type) -> bool:
-    try:
-        source = inspect.getsource(module_class)
-    except (OSError, TypeError):
-        return False
-    return re.search(r"\b(block_)?indices=", source) is not None
+    return re.search(r"\b(block_)?indices=", _class_source(module_class)) is not None
 
 
 def tiles_cached_heads(module_class: type) -> bool:
     """Whether the class tiles its cached keys along the head axis before attention
     (`key_states.repeat(1, r, 1, 1)`, JetMoE): key head j is then cached head j % Hkv."""
-    return _tiles_cached_heads(module_class)
+    return re.search(r"key_states\s*=\s*key_states\.repeat\(\s*1\s*,", _class_source(module_class)) is not None
 
 
 @functools.lru_cache(maxsize=None)
-def _tiles_cached_heads(module_class: type) -> bool:
+def _class_source(module_class: type) -> str:
+    """The class's source ("" where Python has none), read once per class."""
     try:
-        source = inspect.getsource(module_class)
+        return inspect.getsource(module_class)
     except (OSError, TypeError):
-        return False
-    return re.search(r"key_states\s*=\s*key_states\.repeat\(\s*1\s*,", source) is not None
+        return ""
 
 
 def discover(model: nn.Module) -> Discovered:
