@@ -33,7 +33,6 @@ from transformers import AttentionInterface, DynamicCache, StaticCache
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import e2e_generate as e2e  # noqa: E402
-import gsa_compile  # noqa: E402
 from gsa_compile.tables import format_table, write_json  # noqa: E402
 
 TRACE_TOKENS = 3
@@ -158,10 +157,7 @@ def main(argv=None) -> int:
     wanted = set(args.paths.split(","))
 
     model = e2e.build_model(args.layers, args.tiny, device)
-    overrides = dict(budget_tokens=args.budget_tokens)
-    if args.tiny:
-        overrides.update(chunk_size=16, cpu_seq_len_threshold=0, cpu_concurrency_threshold=0)
-    model = gsa_compile.optimize(model, gsa_compile.GSAConfig.for_model(model, **overrides))
+    model = e2e.optimize_for_run(model, args)
     report = {"device": device, "torch": torch.__version__, "layers": args.layers, "new_tokens": args.new_tokens,
               "budget_tokens": args.budget_tokens, "rows": []}
     for path, compiled in PATHS:

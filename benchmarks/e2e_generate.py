@@ -429,6 +429,15 @@ def parse_run_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Names
     return args
 
 
+def optimize_for_run(model, args):
+    """The model under GSA at the run's budget (tiny runs: small blocks, thresholds 0, so the
+    CPU smoke run is sparse too)."""
+    overrides = dict(budget_tokens=args.budget_tokens)
+    if args.tiny:
+        overrides.update(chunk_size=16, cpu_seq_len_threshold=0, cpu_concurrency_threshold=0)
+    return gsa_compile.optimize(model, gsa_compile.GSAConfig.for_model(model, **overrides))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, layers=32, shapes="8x32768,8x65536,1x131072,4x131072")
@@ -440,10 +449,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     model = build_model(args.layers, args.tiny, device)
-    overrides = dict(budget_tokens=args.budget_tokens)
-    if args.tiny:
-        overrides.update(chunk_size=16, cpu_seq_len_threshold=0, cpu_concurrency_threshold=0)
-    model = gsa_compile.optimize(model, gsa_compile.GSAConfig.for_model(model, **overrides))
+    model = optimize_for_run(model, args)
     print(model.gsa_report, flush=True)
     bandwidth = copy_bandwidth(device)
     report = {"model": {"layers": args.layers, **(TINY if args.tiny else LLAMA_31_8B)}, "device": device,

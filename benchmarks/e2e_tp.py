@@ -26,13 +26,12 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.distributed.configuration_utils import DistributedConfig
 
-import gsa_compile
 from gsa_compile.sharding import is_dtensor
 from gsa_compile.tables import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_generate import (TINY, add_run_arguments, agreement, copy_bandwidth, parse_run_arguments,  # noqa: E402
-                          run_shape, table, weight_bytes)
+from e2e_generate import (TINY, add_run_arguments, agreement, copy_bandwidth, optimize_for_run,  # noqa: E402
+                          parse_run_arguments, run_shape, table, weight_bytes)
 
 LLAMA_31_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                     head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=262144)
@@ -105,10 +104,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     model = build_sharded(args.layers, args.tiny, device)
-    overrides = dict(budget_tokens=args.budget_tokens)
-    if args.tiny:
-        overrides.update(chunk_size=16, cpu_seq_len_threshold=0, cpu_concurrency_threshold=0)
-    model = gsa_compile.optimize(model, gsa_compile.GSAConfig.for_model(model, **overrides))
+    model = optimize_for_run(model, args)
     print(model.gsa_report, flush=True)
     site = next(iter(model.gsa_runtime.computing_sites()), None)
     bandwidth = copy_bandwidth(device_type)
