@@ -8,8 +8,6 @@ answers without importing torch. The first public name used registers the gsa cu
 import importlib
 import importlib.util
 import logging
-import sys
-import types
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -17,7 +15,7 @@ __version__ = "0.1.0"
 
 # Public name -> the submodule that defines it (None: the name is the submodule itself).
 _PUBLIC = {
-    "calibrate": ".calibrate",  # HATA hash training, docs/accuracy.md
+    "calibrate": ".calibration",  # HATA hash training, docs/accuracy.md
     "export": ".api",
     "export_onnx": ".onnx",  # gsa-domain ONNX export, docs/onnx.md
     "inspect": ".api",
@@ -53,19 +51,6 @@ def __getattr__(name):
     value = module if _PUBLIC[name] is None else getattr(module, name)
     globals()[name] = value
     return value
-
-
-class _Package(types.ModuleType):
-    """Importing the subpackage gsa_compile.calibrate binds its name on this package; the
-    public name `calibrate` stays the function that subpackage exports."""
-
-    def __setattr__(self, name, value):
-        if name == "calibrate" and isinstance(value, types.ModuleType):
-            value = value.calibrate
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __dir__():

@@ -9,11 +9,11 @@ Steps (docs/accuracy.md, "The head-dim-128 model"):
   1. calibration sequences (--tasks x --samples of --context-len tokens, --seed; keep it off
      the evaluation seed 1234 and the recall seed) are captured and HATA trains every layer
      and KV head (gsa_compile.calibrate), with sigma derived per step from the q/k norms
-     (--temperature, gsa_compile/calibrate/scale.py) or fixed (--temperature 0 --sigma S);
+     (--temperature, gsa_compile/calibration/scale.py) or fixed (--temperature 0 --sigma S);
      the layer profile (blocks for 90% of the mass, overlaps) comes with it;
   2. held-out sequences (--recall-seed) are captured and, at their last --decode-queries
      positions, the blocks each selector picks at --budget are scored by the share of the true
-     attention mass they hold (gsa_compile/calibrate/recall.py): GSA with the random weights
+     attention mass they hold (gsa_compile/calibration/recall.py): GSA with the random weights
      training started from, GSA with the trained weights (same bits), the exact top-k ceiling;
   3. writes OUT/gsa_config.json + hash_weights.safetensors (for --hash-config of
      eval_accuracy.py), OUT/calibration_report.json (norm statistics, profile, recall, losses)
@@ -36,9 +36,9 @@ if str(ROOT) not in sys.path:
 
 from gsa_compile.accuracy.model import load_accuracy_model  # noqa: E402
 from gsa_compile.accuracy.tasks import make_samples  # noqa: E402
-from gsa_compile.calibrate import HataSettings, calibrate, capture_layers  # noqa: E402
-from gsa_compile.calibrate.recall import mass_recall, recall_table  # noqa: E402
-from gsa_compile.calibrate.scale import norm_statistics  # noqa: E402
+from gsa_compile.calibration import HataSettings, calibrate, capture_layers  # noqa: E402
+from gsa_compile.calibration.recall import mass_recall, recall_table  # noqa: E402
+from gsa_compile.calibration.scale import norm_statistics  # noqa: E402
 from gsa_compile.config import GSAConfig  # noqa: E402
 from gsa_compile.tables import format_table, write_json  # noqa: E402
 

@@ -28,7 +28,7 @@ import torch
 from .. import functional
 from ..kernels.common import num_selected_blocks, split_decode_mask
 from ..kernels.reference import selected_token_mask
-from ..calibrate.probe import attention_layers, attention_probe, dense_attention, forward_tokens
+from ..calibration.probe import attention_layers, attention_probe, dense_attention, forward_tokens
 from ..config import GSAConfig
 from ..hashing import layer_hash_weight
 from ..tables import format_table

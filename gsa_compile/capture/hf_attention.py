@@ -38,6 +38,7 @@ from .. import decode, mla, ops
 from ..errors import GSAConfigError, GSAError
 from ..kernels import common
 from . import hf_mla
+from .hf_cache import CodesMixin
 from .hf_sites import SITE_ATTRIBUTE, GSARuntime, GSASite, tiles_cached_heads
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ class DecodeStep:
 
     def codes(self, site: GSASite):
         """(codes, norms) of the site's layer in this call's cache, or (None, None)."""
-        from .hf_cache import CodesMixin
-
         layers = getattr(self.cache, "layers", ())
         layer = layers[site.layer] if site.layer < len(layers) else None
         if not isinstance(layer, CodesMixin) or layer.gsa_site is not site:

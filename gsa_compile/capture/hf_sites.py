@@ -20,10 +20,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .. import functional
 from ..config import GSAConfig, config_attribute
 from ..decode import DENSE_REASONS
 from ..errors import GSAConfigError, GSAError
 from ..hashing import layer_hash_weight
+from ..mla import latent_keys
 from ..sharding import HeadShard, row_shard
 
 logger = logging.getLogger(__name__)
@@ -199,8 +201,6 @@ class GSASite(nn.Module):
     def encode(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """Codes (and key norms when configured) of keys entering the cache. The cache passes
         what it stores; for MLA that is latents, expanded here into the keys attention sees."""
-        from .. import functional
-
         keys = self.hashed_keys(key_states, value_states)
         heads, dims = (1, self.latent.code_dim) if self.latent is not None else (self.shape.kv_heads, self.shape.key_dim)
         if tuple(keys.shape[1:2]) + tuple(keys.shape[3:]) != (heads, dims):
@@ -215,8 +215,6 @@ class GSASite(nn.Module):
     def hashed_keys(self, key_states: torch.Tensor, value_states: torch.Tensor) -> torch.Tensor:
         """What the codes hash, from what the cache stores: the keys, the keys expand_kv builds
         from MLA latents, or (latent-space selection) the latent keys [c_kv | k_rope]."""
-        from ..mla import latent_keys
-
         if self.latent is not None:
             return latent_keys(key_states, value_states)
         return key_states if self.key_builder is None else self.key_builder(key_states, value_states)[0]

@@ -52,7 +52,7 @@ def calibration_samples(tasks: str, context_len: int, per_task: int, seed: int) 
 
 def run(args) -> int:
     from ..accuracy.model import load_accuracy_model
-    from ..calibrate import HataSettings, calibrate
+    from ..calibration import HataSettings, calibrate
     from ..config import GSAConfig
 
     model = load_accuracy_model(args.model, device=args.device)

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 
 def trained_weights(model, args) -> tuple[dict, dict]:
     """layer -> trained hash weight, from --hash-config or a calibration run here."""
-    from ..calibrate import HataSettings, calibrate
+    from ..calibration import HataSettings, calibrate
     from ..config import GSAConfig, load_config
     from ..hashing import layer_hash_weight
 

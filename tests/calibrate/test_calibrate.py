@@ -5,7 +5,7 @@ import torch
 
 import gsa_compile
 from gsa_compile.accuracy import make_samples
-from gsa_compile.calibrate import LayerCapture, profile_layers
+from gsa_compile.calibration import LayerCapture, profile_layers
 from gsa_compile.config import GSAConfig
 
 
@@ -63,7 +63,7 @@ def test_profile_turns_diffuse_layers_dense_and_overlapping_layers_into_reuse():
     assert profile.layers[2].jaccard[1] == 1.0
     assert profile.layers[0].share_for_mass > 0.85 > profile.layers[1].share_for_mass
 
-    from gsa_compile.calibrate import apply_profile
+    from gsa_compile.calibration import apply_profile
 
     profiled = apply_profile(config, profile)
     assert profiled.top_k_ratio_per_layer[0] == 1

@@ -5,9 +5,9 @@ import torch
 import transformers
 
 import gsa_compile
-from gsa_compile.calibrate.capture import capture_layers
-from gsa_compile.calibrate.calibration import mla_layouts
-from gsa_compile.calibrate.probe import attention_probe, dense_attention, forward_tokens
+from gsa_compile.calibration.capture import capture_layers
+from gsa_compile.calibration.calibration import mla_layouts
+from gsa_compile.calibration.probe import attention_probe, dense_attention, forward_tokens
 from gsa_compile.capture.hf import restore_transformers
 from gsa_compile.config import GSAConfig
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from gsa_compile.calibrate import HataSettings, LayerCapture
-from gsa_compile.calibrate.hata import decorrelation_loss, pair_labels, sample_pairs, train_head
+from gsa_compile.calibration import HataSettings, LayerCapture
+from gsa_compile.calibration.hata import decorrelation_loss, pair_labels, sample_pairs, train_head
 from gsa_compile.hashing import hash_weights
 
 

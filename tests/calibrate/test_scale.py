@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from gsa_compile.calibrate import HataSettings, LayerCapture
-from gsa_compile.calibrate.hata import hata_loss, sample_pairs, train_head
-from gsa_compile.calibrate.recall import mass_recall, recall_table
-from gsa_compile.calibrate.scale import norm_scaled_sigma, norm_statistics
+from gsa_compile.calibration import HataSettings, LayerCapture
+from gsa_compile.calibration.hata import hata_loss, sample_pairs, train_head
+from gsa_compile.calibration.recall import mass_recall, recall_table
+from gsa_compile.calibration.scale import norm_scaled_sigma, norm_statistics
 from gsa_compile.hashing import hash_weights
 
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import types
+
 import pytest
 
 from gsa_compile.cli import COMMAND_MODULES, build_parser
@@ -39,6 +41,11 @@ def test_lazy_package_names():
     import gsa_compile
 
     assert callable(gsa_compile.optimize) and gsa_compile.GSAConfig.__name__ == "GSAConfig"
-    assert callable(gsa_compile.calibrate)  # the function, not the subpackage of the same name
+    import gsa_compile.calibration  # noqa: F401
+
+    assert callable(gsa_compile.calibrate)  # the function, not the subpackage (gsa_compile.calibration)
+    # A plain module: torch 2.11's dynamo breaks the graph at any import that resolves to a
+    # module subclass (a traced `from .. import functional` did, in every decode step).
+    assert type(gsa_compile) is types.ModuleType
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         gsa_compile.nope

@@ -61,8 +61,9 @@ def _block_score_kernel(
 ):
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // kv_heads
-    h = pid_bh % kv_heads
+    # int64: offsets of the row and head pass 2**31 bytes on large caches (128 heads at 128K keys).
+    b = (pid_bh // kv_heads).to(tl.int64)
+    h = (pid_bh % kv_heads).to(tl.int64)
 
     blocks = pid_c * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     within = tl.arange(0, BLOCK_C)

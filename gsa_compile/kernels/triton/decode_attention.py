@@ -58,8 +58,9 @@ def _sparse_decode_split_kernel(
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid_bh // kv_heads
-    h = pid_bh % kv_heads
+    # int64: offsets of the row and head pass 2**31 elements on large caches (128 heads at 128K keys).
+    b = (pid_bh // kv_heads).to(tl.int64)
+    h = (pid_bh % kv_heads).to(tl.int64)
 
     group = tl.arange(0, BLOCK_G)
     head = h * GROUPS + group

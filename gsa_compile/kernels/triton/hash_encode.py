@@ -59,7 +59,10 @@ def _encode_kernel(
     row_ok = rows < batch * groups * num_vectors
     vector = rows % num_vectors
     head = w_head * groups + (rows // num_vectors) % groups
-    b = rows // (num_vectors * groups)
+    # int64: offsets pass 2**31 elements on large caches (128 heads at 128K keys).
+    b = (rows // (num_vectors * groups)).to(tl.int64)
+    head = head.to(tl.int64)
+    vector = vector.to(tl.int64)
     x_rows = x_ptr + b * sx_b + head * sx_h + vector * sx_l
     projected = _project(x_rows, row_ok, w_ptr + r0 * sw_r, w_head, dim, hash_bits - r0, sx_d, sw_h, sw_d, sw_r,
                          BLOCK_L, BLOCK_D, BLOCK_R)
@@ -92,8 +95,8 @@ def _query_planes_kernel(
     DIRECT: tl.constexpr, PLANES: tl.constexpr, OFFSET: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // kv_heads
-    h = pid % kv_heads
+    b = (pid // kv_heads).to(tl.int64)
+    h = (pid % kv_heads).to(tl.int64)
     r0 = tl.program_id(1) * BLOCK_R
     # The group's heads BLOCK_G at a time: large groups (MLA's 128 heads share one latent)
     # keep the same register tile as small ones; only the per-direction counts accumulate.

@@ -39,7 +39,7 @@ def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scali
     if probe is None:
         raise GSAError(
             f"{type(module).__name__} runs the {PROBE_IMPLEMENTATION!r} attention implementation outside "
-            f"gsa_compile.calibrate.probe.attention_probe()"
+            f"gsa_compile.calibration.probe.attention_probe()"
         )
     return probe(module.layer_idx, module, query, key, value, attention_mask, scaling, **kwargs), None
 

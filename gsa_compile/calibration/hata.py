@@ -42,7 +42,7 @@ class HataSettings:
     # (large sigma) cannot throw W far from orthogonal, where the quartic decorrelation term explodes.
     max_grad_norm: float = 1.0
     # Not in the paper: when set, sigma is replaced per step by temperature * sqrt(D) / rms norm, for
-    # queries and keys apart (calibrate/scale.py: a fixed sigma means a different sharpness per model).
+    # queries and keys apart (calibration/scale.py: a fixed sigma means a different sharpness per model).
     temperature: Optional[float] = None
 
 
