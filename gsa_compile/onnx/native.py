@@ -16,12 +16,7 @@ to report an error, so an exception inside a kernel is kept and re-raised by the
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -30,6 +25,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..native_build import NativeUnavailable, build_library
 
 logger = logging.getLogger(__name__)
 
@@ -79,33 +76,12 @@ void *RegisterCustomOps(void *options, const void *api_base) { return registrar(
 _REGISTERING = threading.Lock()
 
 
-class NativeUnavailable(RuntimeError):
-    """The shim library cannot be built or loaded here."""
-
-
 def shim_path() -> str:
-    """The compiled shim, built on first use into the user cache (one file per shim source)."""
-    digest = hashlib.sha256(_SHIM.encode()).hexdigest()[:16]
-    cache = os.environ.get("GSA_COMPILE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gsa_compile")
-    path = os.path.join(cache, f"ort_custom_ops_{digest}.so")
-    if os.path.exists(path):
-        return path
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise NativeUnavailable("no C compiler found (cc, gcc or clang; or set CC) to build the 4-line custom-op "
-                                "shim that onnxruntime loads")
-    os.makedirs(cache, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as work:
-        source, built = os.path.join(work, "shim.c"), os.path.join(work, "shim.so")
-        with open(source, "w") as handle:
-            handle.write(_SHIM)
-        result = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", built, source],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise NativeUnavailable(f"{compiler} could not build the custom-op shim: {result.stderr.strip()[:300]}")
-        os.replace(built, path)  # atomic: a concurrent builder finds a whole file or none
-    return path
+    """The compiled shim, built on first use into the user cache (gsa_compile.native_build)."""
+    try:
+        return build_library("ort_custom_ops", _SHIM)
+    except NativeUnavailable as exc:
+        raise NativeUnavailable(f"{exc}: needed for the 4-line custom-op shim that onnxruntime loads") from None
 
 
 class _CustomOp(ctypes.Structure):

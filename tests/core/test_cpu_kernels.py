@@ -9,6 +9,7 @@ import torch
 import gsa_compile
 from gsa_compile import functional as F
 from gsa_compile.kernels import choose_kernel, cpu, reference
+from gsa_compile.kernels.cpu import popcount
 
 GQA = [1, 2, 4, 8]
 HEAD_DIMS = [64, 128, 256]
@@ -183,13 +184,22 @@ def test_row_without_a_valid_selected_token_returns_zeros():
         assert torch.isfinite(out).all() and out[1].abs().max() == 0 and out[0].abs().max() > 0
 
 
-@pytest.mark.parametrize("groups", [1, 2, 3, 4, 6, 8, 16])
-def test_plane_similarity_is_the_reference_integer_for_every_group(groups):
-    query, key, _, _, weight = make_inputs(2, groups, 32, 24, 8, seed=30 + groups)
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("groups, bits", [(1, 24), (2, 64), (3, 136), (4, 128), (6, 24), (8, 512), (16, 128)])
+def test_plane_similarity_is_the_reference_integer_for_every_group(groups, bits, compiled, monkeypatch):
+    if compiled:
+        assert popcount.available(), "the C compiler builds the CPU kernels' popcount loop here"
+    else:
+        monkeypatch.setattr(popcount, "_library", lambda: None)
+    query, key, _, _, weight = make_inputs(2, groups, 32, bits, 8, seed=30 + groups)
     codes = F.encode(key, weight)
-    got = cpu.token_similarity(query, codes, weight)
-    assert got.dtype == torch.float64
-    assert torch.equal(got, reference.token_similarity(query, codes, weight))
+    # A slice of a longer cache, as a static cache's filled part: strided, read in place.
+    sliced = F.encode(torch.cat([key[:, :, :5], key, key[:, :, :3]], dim=2), weight)[:, :, 5:-3]
+    assert not sliced.is_contiguous()
+    expected = reference.token_similarity(query, codes, weight)
+    for got in (cpu.token_similarity(query, codes, weight), cpu.token_similarity(query, sliced, weight)):
+        assert got.dtype == torch.float64
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("repre", ["max", "sum"])

@@ -1,14 +1,14 @@
 """CPU kernels: scoring straight from packed codes, attention over the selected blocks only.
 
 Scoring XORs each key's packed code with the sign planes of its group's summed query (1 + log2 G
-of them, not G codes: kernels.common.plane_layout; an even group's two weight-1 planes share a
-pass), word by word (64-bit words where R allows),
-and counts the differing bits with numpy's hardware popcount (numpy.bitwise_count); the
-weighted counts give sum_i (R - 2 hamming(q_i, k)) exactly. Keys are never unpacked.
+of them, not G codes: kernels.common.plane_layout) and counts the differing bits with the
+hardware popcount; the weighted counts give sum_i (R - 2 hamming(q_i, k)) exactly. Keys are
+never unpacked. The count runs in a compiled loop over the codes in place (popcount.py, built
+on first use with the machine's C compiler), else as a few large numpy calls (numpy's
+bitwise_count, 64-bit words where R allows; an even group's two weight-1 planes share a pass).
 Similarities are float64, as the reference's, so norm products and block means round the same
-way and ties break identically. The work runs as a few large numpy calls over all (row, KV head) pairs at once:
-splitting it over Python threads made each short call wait on the GIL. Attention gathers the
-selected blocks' tokens and runs one fused SDPA over them; no score over all L keys is formed."""
+way and ties break identically. Attention gathers the selected blocks' tokens and runs one fused
+SDPA over them; no score over all L keys is formed."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from .. import register_kernel
 from ..common import block_token_index, plane_layout, plane_weights, sign_planes
 from ..reference import encode, masked_attention, select_from_similarity
+from . import popcount
 from .threads import at_most_one_thread_per_row
 
 
@@ -35,9 +36,19 @@ def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch
     groups = query.shape[1] // kv_heads
     weights, direct = plane_weights(groups), plane_layout(groups)[0]
     planes = sign_planes(encode(query, weight)[:, :, 0], kv_heads)
+    similarity = popcount.group_similarity(key_codes, planes, weights)
+    if similarity is not None:
+        return similarity
+    weighted = _numpy_weighted_hamming(key_codes, planes, direct, weights)
+    similarity = (sum(weights) * code_bytes * 8 - 2 * weighted).astype(np.float64)
+    return torch.from_numpy(similarity).reshape(batch, kv_heads, num_keys)
+
+
+def _numpy_weighted_hamming(key_codes: torch.Tensor, planes: torch.Tensor, direct: int, weights: list) -> np.ndarray:
+    """int32 [B * Hkv, L]: sum_p weights[p] * hamming(key, plane_p), in numpy."""
+    batch, kv_heads, num_keys, _ = key_codes.shape
     keys = _word_view(key_codes.contiguous().numpy()).reshape(batch * kv_heads, num_keys, -1)
     planes = _word_view(planes.numpy()).reshape(batch * kv_heads, len(weights), 1, -1)
-    # weighted = sum_p w_p hamming(plane_p, k); the similarity is R * sum(w) - 2 * weighted.
     weighted = np.zeros((batch * kv_heads, num_keys), dtype=np.int32)
     if direct:
         # An even group's two weight-1 planes a, b in one pass: with x = a ^ k, y = b ^ k,
@@ -46,8 +57,7 @@ def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch
         weighted += _popcount_words(first ^ second) + 2 * _popcount_words((keys ^ first) & (keys ^ second))
     for plane in range(2 * direct, len(weights)):
         weighted += weights[plane] * _popcount_words(keys ^ planes[:, plane])
-    similarity = (sum(weights) * code_bytes * 8 - 2 * weighted).astype(np.float64)
-    return torch.from_numpy(similarity).reshape(batch, kv_heads, num_keys)
+    return weighted
 
 
 def _popcount_words(words: np.ndarray) -> np.ndarray:
