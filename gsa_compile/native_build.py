@@ -25,6 +25,18 @@ def cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gsa_compile")
 
 
+def _cpu_features() -> "str | None":
+    """The processor's feature flags (Linux /proc/cpuinfo), or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def compiler() -> str:
     found = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if found is None:
@@ -32,9 +44,15 @@ def compiler() -> str:
     return found
 
 
-def build_library(name: str, source: str, flags: Sequence[str] = ("-O2",)) -> str:
-    """Path of the shared library compiled from `source` (built once; later calls find it)."""
-    key = "\0".join([source, *flags, platform.machine()])
+def build_library(name: str, source: str, flags: Sequence[str] = ("-O2",), for_this_cpu: bool = False) -> str:
+    """Path of the shared library compiled from `source` (built once; later calls find it).
+    for_this_cpu: also use every instruction set extension of this processor (-march=native,
+    where the processor's features can be read so that they key the cached file: a cache shared
+    with another machine then never hands it code its processor lacks)."""
+    features = _cpu_features() if for_this_cpu else None
+    if features is not None:
+        flags = [*flags, "-march=native"]
+    key = "\0".join([source, *flags, platform.machine(), features or ""])
     path = os.path.join(cache_dir(), f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
     if os.path.exists(path):
         return path

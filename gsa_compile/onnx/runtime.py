@@ -50,8 +50,10 @@ def availability() -> Optional[str]:
 
 
 def _valid(valid: torch.Tensor, batch: int, num_keys: int) -> Optional[torch.Tensor]:
-    """The schema's valid (broadcastable to [B, L]) as the kernels take it: None when all True."""
-    if valid.numel() == 1 and bool(valid.reshape(-1)[0]):
+    """The schema's valid (broadcastable to [B, L]) as the kernels take it: None when all True
+    (the bodies pass the mask row's valid keys; a mask that hides nothing then costs the
+    kernels no masking: one pass over L booleans instead of a gather per selected token)."""
+    if bool(valid.all()):
         return None
     return valid.expand(batch, num_keys)
 

@@ -9,7 +9,7 @@ import torch
 import gsa_compile
 from gsa_compile import functional as F
 from gsa_compile.kernels import choose_kernel, cpu, reference
-from gsa_compile.kernels.cpu import popcount
+from gsa_compile.kernels.cpu import native
 
 GQA = [1, 2, 4, 8]
 HEAD_DIMS = [64, 128, 256]
@@ -188,9 +188,9 @@ def test_row_without_a_valid_selected_token_returns_zeros():
 @pytest.mark.parametrize("groups, bits", [(1, 24), (2, 64), (3, 136), (4, 128), (6, 24), (8, 512), (16, 128)])
 def test_plane_similarity_is_the_reference_integer_for_every_group(groups, bits, compiled, monkeypatch):
     if compiled:
-        assert popcount.available(), "the C compiler builds the CPU kernels' popcount loop here"
+        assert native.available(), "the C compiler builds the CPU kernels' popcount loop here"
     else:
-        monkeypatch.setattr(popcount, "_library", lambda: None)
+        monkeypatch.setattr(native, "_library", lambda: None)
     query, key, _, _, weight = make_inputs(2, groups, 32, bits, 8, seed=30 + groups)
     codes = F.encode(key, weight)
     # A slice of a longer cache, as a static cache's filled part: strided, read in place.
@@ -217,3 +217,35 @@ def test_cpu_limit_masked_tail_and_norm_means_match_reference(repre):
     blocks = cpu.select_blocks(query, codes, weight, valid, None, 8, 6, [0, -2, -1], repre, "per_head", limit)
     assert blocks[1].tolist() == [[0, 1, 2, -1, -1, -1]] * 2  # 20 keys: blocks 0, 1 (= -2), 2 (= -1)
     assert blocks[2].tolist() == [[0, -1, -1, -1, -1, -1]] * 2
+
+
+@pytest.mark.parametrize("case", ["plain", "valid", "shared_bias", "head_bias", "sinks", "masked_row", "nan_query"])
+def test_compiled_attention_equals_the_gathered_sdpa_path(case, monkeypatch):
+    # The compiled online-softmax loop (float32, one query token) against the torch path it
+    # replaces (gather the selected tokens, one SDPA), on a strided slice of a longer cache.
+    assert native.available(), "the C compiler builds the CPU kernels' attention loop here"
+    query, key, value, valid, weight = make_inputs(3, 4, 64, 64, 16, seed=7)
+    key, value = (torch.cat([x, x[:, :, :5]], dim=2)[:, :, :-5] for x in (key, value))
+    blocks = cpu.select_blocks(query, F.encode(key, weight), weight, valid, None, 16, 3, [0, -1], "max", "per_head")
+    blocks[0, 1, -1] = -1  # a KV head with fewer selected blocks
+    bias, sinks = None, None
+    kept = valid if case in ("valid", "masked_row", "shared_bias") else None
+    if case == "shared_bias":
+        bias = torch.randn(3, 1, 1, key.shape[2])
+    if case == "head_bias":
+        bias = torch.randn(3, query.shape[1], 1, key.shape[2])
+        bias[1, 2, 0, :] = float("-inf")  # one head attends nothing: zeros
+    if case == "sinks":
+        sinks = torch.randn(query.shape[1])
+    if case == "masked_row":
+        kept = kept.clone()
+        kept[2] = False
+    if case == "nan_query":
+        query = query.clone()
+        query[1, 3] = float("nan")
+    compiled = cpu.sparse_attention(query, key, value, blocks, kept, bias, 16, None, None, sinks)
+    monkeypatch.setattr(native, "_library", lambda: None)
+    gathered = cpu.sparse_attention(query, key, value, blocks, kept, bias, 16, None, None, sinks)
+    torch.testing.assert_close(compiled, gathered, rtol=1e-5, atol=1e-6, equal_nan=True)
+    if case == "nan_query":
+        assert compiled[1, 3].isnan().all() and not compiled[1, 2].isnan().any()

@@ -3,12 +3,14 @@
 Scoring XORs each key's packed code with the sign planes of its group's summed query (1 + log2 G
 of them, not G codes: kernels.common.plane_layout) and counts the differing bits with the
 hardware popcount; the weighted counts give sum_i (R - 2 hamming(q_i, k)) exactly. Keys are
-never unpacked. The count runs in a compiled loop over the codes in place (popcount.py, built
+never unpacked. The count runs in a compiled loop over the codes in place (native.py, built
 on first use with the machine's C compiler), else as a few large numpy calls (numpy's
 bitwise_count, 64-bit words where R allows; an even group's two weight-1 planes share a pass).
 Similarities are float64, as the reference's, so norm products and block means round the same
-way and ties break identically. Attention gathers the selected blocks' tokens and runs one fused
-SDPA over them; no score over all L keys is formed."""
+way and ties break identically. Attention of one float32 query token runs a compiled online
+softmax over the selected blocks, reading K and V in place; other calls (and machines without a
+C compiler) gather the selected blocks' tokens and run one fused SDPA over them. No score over
+all L keys is formed."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from .. import register_kernel
 from ..common import block_token_index, plane_layout, plane_weights, sign_planes
 from ..reference import encode, masked_attention, select_from_similarity
-from . import popcount
+from . import native
 from .threads import at_most_one_thread_per_row
 
 
@@ -36,7 +38,7 @@ def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch
     groups = query.shape[1] // kv_heads
     weights, direct = plane_weights(groups), plane_layout(groups)[0]
     planes = sign_planes(encode(query, weight)[:, :, 0], kv_heads)
-    similarity = popcount.group_similarity(key_codes, planes, weights)
+    similarity = native.group_similarity(key_codes, planes, weights)
     if similarity is not None:
         return similarity
     weighted = _numpy_weighted_hamming(key_codes, planes, direct, weights)
@@ -115,6 +117,12 @@ def gather_selected(key, value, blocks, valid, attn_bias, chunk_size):
 
 
 def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap, sinks=None):
+    if softcap is None:
+        blocks32 = blocks if blocks.dtype == torch.int32 else blocks.to(torch.int32)
+        out = native.sparse_attention_f32(query, key, value, blocks32, valid, attn_bias, chunk_size,
+                                          query.shape[-1] ** -0.5 if scale is None else scale, sinks)
+        if out is not None:
+            return out
     keys, values, allowed, bias = gather_selected(key, value, blocks, valid, attn_bias, chunk_size)
     batch, q_heads, _, dim = query.shape
     kv_heads = key.shape[1]
