@@ -1,6 +1,6 @@
-"""GSAConfig: every key of the seed's config, live, validated, JSON round-tripping.
+"""GSAConfig: every key of the UCM GSA config format, live, validated, JSON round-tripping.
 
-The seed's keys keep their names and meaning (see docs/config.md); gsa-compile adds a cpu
+Its keys keep their names and meaning (see docs/config.md); gsa-compile adds a cpu
 threshold pair, a token budget alternative to ratios, the selection scope, key-norm weighting
 and the seed of random hash weights.
 """
@@ -31,7 +31,7 @@ LIST_FIELDS = {
     "must_select_blocks": "block indices, e.g. [0, -2, -1], or [] for none",
 }
 
-# The seed's default layer policy: the first two and last three layers stay dense.
+# The UCM GSA config format's default layer policy: the first two and last three layers stay dense.
 DEFAULT_DENSE_FIRST = 2
 DEFAULT_DENSE_LAST = 3
 DEFAULT_SPARSE_RATIO = 0.3
@@ -43,7 +43,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 @dataclass
 class GSAConfig:
-    """Configuration of GSA for one model. Field names follow the seed's JSON keys."""
+    """Configuration of GSA for one model. Field names follow the UCM GSA config format's JSON keys."""
 
     model_name: str = "custom"
     is_mla: bool = False
@@ -67,7 +67,7 @@ class GSAConfig:
     hash_bits_qk_rope: Optional[int] = None
     hash_weight_kv_lora: Optional[str] = None
     hash_weight_qk_rope: Optional[str] = None
-    # Keys gsa-compile adds to the seed's.
+    # Keys gsa-compile adds to the UCM GSA config format's.
     cpu_seq_len_threshold: int = 2048
     cpu_concurrency_threshold: int = 1
     budget_tokens: Optional[int] = None
@@ -276,7 +276,7 @@ class GSAConfig:
         return layer if source == -1 else source
 
     def num_selected_blocks(self, layer: int, num_keys: int) -> int:
-        """k for `layer` with `num_keys` keys in the cache (DESIGN 2.5)."""
+        """k for `layer` with `num_keys` keys in the cache (docs/semantics.md, rule 5)."""
         from .kernels.common import num_selected_blocks
 
         kwargs = self.attention_kwargs(layer, "cpu")
@@ -371,7 +371,7 @@ class GSAConfig:
     # ------------------------------------------------------------------ derivation
     @classmethod
     def for_model(cls, model_or_config: Any, *example_args: Any, **kwargs: Any) -> "GSAConfig":
-        """Derive a config (layers, head dim, MLA dims) for a model with the seed's default policy.
+        """Derive a config (layers, head dim, MLA dims) for a model with the UCM GSA config format's default policy.
 
         With example inputs (`for_model(model, *example_args, **example_kwargs)`), the model is
         captured on them once (gsa_compile.inspect: nothing is rewritten) and the config is sized
@@ -399,7 +399,7 @@ class GSAConfig:
 
 
 def default_ratios(num_layers: int, sparse_ratio: float = DEFAULT_SPARSE_RATIO) -> list:
-    """The seed's policy: first two and last three layers dense, `sparse_ratio` elsewhere."""
+    """The UCM GSA config format's default policy: first two and last three layers dense, `sparse_ratio` elsewhere."""
     ratios = [sparse_ratio] * num_layers
     dense = set(range(min(DEFAULT_DENSE_FIRST, num_layers)))
     dense |= set(range(max(0, num_layers - DEFAULT_DENSE_LAST), num_layers))

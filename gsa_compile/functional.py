@@ -1,4 +1,4 @@
-"""The public functional API of GSA (DESIGN section 2), on BHSD tensors.
+"""The public functional API of GSA (docs/semantics.md), on BHSD tensors.
 
     weight = hash_weights(num_kv_heads=8, head_dim=128, hash_bits=128, seed=0)
     codes = encode(key, weight)                       # once per key, when it enters the cache

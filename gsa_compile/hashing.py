@@ -59,7 +59,7 @@ def layer_hash_weight(
 
     "random": seeded by hash_seed + layer. "fixed": read from the safetensors file(s) the config
     names (tensor "layers.{layer}", shape [num_kv_heads, dims, bits]). MLA configs hash the
-    last qk_rope_head_dim dims of a key separately from the rest (DESIGN 2.1).
+    last qk_rope_head_dim dims of a key separately from the rest (docs/semantics.md, rule 1).
     shard: under tensor parallelism, the `num_kv_heads` heads this rank holds; the weight is
     made (drawn or read) for all the model's heads and these rows are kept."""
     if shard is None:

@@ -1,4 +1,4 @@
-"""HATA's learning to hash, for one layer and one KV head (FACTS.md, "Training").
+"""HATA's learning to hash, for one layer and one KV head (the HATA paper, ACL 2025: its training recipe).
 
 relaxed sign  h(x) = 2 * sigmoid(sigma * x W) - 1
 loss          eps * similarity + eta * bit balance + lambda * ||W^T W - I||_F^2

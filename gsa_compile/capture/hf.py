@@ -54,7 +54,7 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
     """Make a transformers model decode with GSA; returns the same model object.
 
     config: a GSAConfig, a shipped config name or JSON path (gsa_compile.load_config), or None
-    for GSAConfig.for_model(model) (the seed's policy: first 2 and last 3 layers dense).
+    for GSAConfig.for_model(model) (the UCM GSA config format's default policy: first 2 and last 3 layers dense).
     The model gets `gsa_report` (a Report) and `gsa_runtime` (policies, stats)."""
     if getattr(model, "gsa_runtime", None) is not None:
         restore_transformers(model)

@@ -1,4 +1,4 @@
-"""Codes state for transformers caches (DESIGN section 4).
+"""Codes state for transformers caches (docs/compiler.md, "Codes state").
 
 A layer of a GSA-selecting attention keeps the hash codes of its keys next to its keys and
 values. Rather than re-implementing every cache layer, the codes live in a second layer of the

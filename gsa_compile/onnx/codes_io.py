@@ -1,4 +1,4 @@
-"""Explicit codes inputs and outputs for graphs of the FX route (DESIGN section 4, ONNX).
+"""Explicit codes inputs and outputs for graphs of the FX route (docs/compiler.md, "Codes state"; docs/onnx.md).
 
 In PyTorch, gsa::cached_codes_cat(past, new, weight, state, site, what) returns the codes (or
 key norms) of cat([past, new]) from codes it keeps in Python state. An ONNX file has no such

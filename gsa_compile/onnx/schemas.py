@@ -157,7 +157,7 @@ SITE_OUTPUTS = (
 
 ATTENTION = OpSpec(
     "Attention",
-    "One attention site (DESIGN section 2). Runs dense (exact SDPA with attn_mask and is_causal) "
+    "One attention site (docs/semantics.md). Runs dense (exact SDPA with attn_mask and is_causal) "
     "when T > 1, or is_causal with L > 1, or L < seq_len_threshold, or fewer than "
     "concurrency_threshold rows reach seq_len_threshold valid keys. Otherwise selects "
     "k = clamp(budget, #must_select, n_blocks) blocks (SelectBlocks, valid = keys the last mask "

@@ -1,4 +1,4 @@
-"""DESIGN section 2, step by step, as ONNX standard ops: the pieces every gsa reference function
+"""docs/semantics.md, step by step, as ONNX standard ops: the pieces every gsa reference function
 is assembled from. Each step takes an Emitter and value names and returns value names.
 
 Precision follows the reference kernels: hash projections and attention in float32, block
@@ -255,7 +255,7 @@ def runs_dense(
     e: Emitter, query: str, num_keys: str, valid: str, is_causal: str, seq_len_threshold: str,
     concurrency_threshold: str,
 ) -> str:
-    """bool [1]: DESIGN 2.10's dense fallback for this call."""
+    """bool [1]: docs/semantics.md rule 10's dense fallback for this call."""
     prefill = e.op("Greater", e.dims(query, 2, 3), e.ints(1))
     causal = e.op("And", is_causal, e.op("Greater", num_keys, e.ints(1)))
     short = e.op("Less", num_keys, seq_len_threshold)

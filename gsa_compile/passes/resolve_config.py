@@ -1,7 +1,7 @@
 """Pass: settle the GSA config the sites are rewritten with.
 
-No config: derive one from the graph (one layer per site, the keys' head dim, the seed's
-default policy). A derived config (GSAConfig.for_model) is re-derived when the graph numbers
+No config: derive one from the graph (one layer per site, the keys' head dim, the default
+policy: first two and last three layers dense). A derived config (GSAConfig.for_model) is re-derived when the graph numbers
 layers beyond it. An explicit config must match the graph: its num_hidden_layers must be one
 past the highest layer id of a graph that holds the whole model (torch.export, or a dynamo
 graph that did not end at a graph break) and may not be below it in a piece of one; a

@@ -23,7 +23,7 @@ def _prompt(length=48):
 def test_default_config_follows_the_seed_policy():
     model = optimize_transformers(build("qwen3"))
     policies = [site.policy for site in model.gsa_report.sites]
-    # Four layers: the seed's "first 2 and last 3 dense" would leave none sparse, so only layer 0 is.
+    # Four layers: the default "first 2 and last 3 dense" would leave none sparse, so only layer 0 is.
     assert policies == ["dense", "sparse", "sparse", "sparse"]
     assert model.gsa_report.route == "hf_interface"
     assert "4 attention sites via hf_interface: 3 sparse, 0 reuse, 1 dense" in model.gsa_report.table()

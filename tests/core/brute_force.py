@@ -1,4 +1,4 @@
-"""A second, deliberately naive implementation of DESIGN section 2 (python loops, float64),
+"""A second, deliberately naive implementation of docs/semantics.md (python loops, float64),
 written independently of gsa_compile.kernels.reference so the two can check each other."""
 
 import math

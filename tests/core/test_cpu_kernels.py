@@ -1,4 +1,4 @@
-"""CPU kernels against the reference, and the op-level guarantees of DESIGN section 2."""
+"""CPU kernels against the reference, and the op-level guarantees of docs/semantics.md."""
 
 import itertools
 import math

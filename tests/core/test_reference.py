@@ -1,4 +1,4 @@
-"""The reference kernels against the naive loop implementation of DESIGN section 2."""
+"""The reference kernels against the naive loop implementation of docs/semantics.md."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The gsa reference functions in onnxruntime against the PyTorch gsa ops (DESIGN section 2),
+"""The gsa reference functions in onnxruntime against the PyTorch gsa ops (docs/semantics.md),
 one node at a time, with dynamic batch and cache length (one session serves every shape)."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _valid(gen, batch, keys, empty_block=True):
 
 
 def test_onnx_topk_breaks_ties_to_the_lower_index():
-    """The selection relies on it (DESIGN 2.6); checked on integer scores full of ties."""
+    """The selection relies on it (docs/semantics.md, rule 6); checked on integer scores full of ties."""
     node = helper.make_node("TopK", ["x", "k"], ["values", "indices"], largest=1, sorted=1)
     graph = helper.make_graph(
         [node], "topk",

@@ -130,7 +130,7 @@ def test_no_config_derives_one_layer_per_site():
     model = _decoder(layers=3)
     program = export(model, (torch.randint(0, 64, (1, 8)), model.empty_cache()))
     assert len(program.gsa_report.sites) == 3
-    default = GSAConfig(num_hidden_layers=3)  # the seed's default policy for three layers
+    default = GSAConfig(num_hidden_layers=3)  # the default policy for three layers
     assert [s.policy for s in program.gsa_report.sites] == [default.layer_policy(i) for i in range(3)]
 
 

@@ -1,4 +1,4 @@
-"""The reference backend: DESIGN section 2 written literally in pure torch.
+"""The reference backend: docs/semantics.md written literally in pure torch.
 
 It is the oracle of every test and serves any call no faster kernel accepts. It scores every
 key and forms attention over the whole cache under a mask, so it is exact, not fast."""
