@@ -155,9 +155,14 @@ def format_results(result: dict) -> str:
     return "\n".join([
         format_table(rows),
         f"generated tokens agreeing: {result['tokens_agreeing']}/{result['new_tokens']}"
-        + ("" if first is None else f" (first difference at token {first})"),
+        + ("" if first is None else f" (first difference at token {first}: expected with random weights, whose "
+           f"attention is nearly uniform, so a budget below the cache changes the logits; trained models "
+           f"keep their tokens far longer)"),
         f"{result['prompt_tokens']}-token prompt, {result['layers']} layers, budget {result['budget_tokens']} tokens, "
-        f"{result['sparse_attention_calls']} sparse attention calls, {where} ({result['dtype']}, "
+        f"{result['sparse_attention_calls']} sparse attention calls"
+        + ("" if result["sparse_attention_calls"] else
+           " (the cache stayed below the device's seq_len_threshold, so every layer ran dense)")
+        + f", {where} ({result['dtype']}, "
         f"decode on {result['decode_threads']} of {result['prefill_threads']} threads), "
         f"{result['seconds']:.0f} s (expected {result['expected_seconds']:.0f} s)",
     ])

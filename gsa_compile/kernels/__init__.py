@@ -25,6 +25,7 @@ OPS = ("encode", "select_blocks", "sparse_attention")
 # Which backend serves which torch device type, and the module that registers its kernels.
 DEVICE_BACKENDS = {"cpu": "cpu", "cuda": "triton", "npu": "npu"}
 BACKEND_MODULES = {
+    "reference": "gsa_compile.kernels.reference",  # pure torch, any device: what every kernel matches
     "cpu": "gsa_compile.kernels.cpu",
     "triton": "gsa_compile.kernels.triton",
     "npu": "gsa_compile.kernels.npu",

@@ -239,7 +239,10 @@ def _export_causal_lm(model, args, path, config, kwargs, dynamic_shapes, input_n
     optimized_here = getattr(model, "gsa_runtime", None) is None
     try:
         step = DecodeStep(model, config, device_type=device_type)
-        return export_decode_step(step, path, example_ids=None if example is None else example.to(torch.long))
+        # The example gives shapes and values only; a strided view (ids[:, :8]) would fail inside
+        # torch.export's input guards, so it is traced as a contiguous copy.
+        example = None if example is None else example.to(torch.long).contiguous()
+        return export_decode_step(step, path, example_ids=example)
     finally:
         if optimized_here and getattr(model, "gsa_runtime", None) is not None:
             restore_transformers(model)

@@ -35,3 +35,13 @@ def test_onnx_greedy_decode_gives_the_pytorch_gsa_models_tokens(model_type, tmp_
     step = DecodeStep(model, config)
     tokens = greedy_decode(onnx_runner(session, step), step, ids, NEW_TOKENS, attention_mask=mask)
     np.testing.assert_array_equal(tokens, expected)
+
+
+def test_export_takes_a_strided_example(tmp_path):
+    # ids[:, :8] of a longer batch is a strided view: the export traces a contiguous copy.
+    model = build("qwen2")
+    wide = torch.randint(3, model.config.vocab_size, (2, 400))
+    example = wide[:, :8]
+    assert not example.is_contiguous()
+    proto = gsa_compile.export_onnx(model, (example,), str(tmp_path / "step.onnx"), config=gsa_config(model))
+    assert any(node.domain == DOMAIN and node.op_type == "Attention" for node in proto.graph.node)
