@@ -385,11 +385,14 @@ def cache_layouts(cache, name: str) -> list[CacheLayout]:
     # The step hands the model a DynamicCache built from the past tensors: a cache class of the
     # model's own (MiniMax's, with linear-attention state beside its layers) cannot be rebuilt so.
     if type(cache) is not DynamicCache:
-        state = sorted(set(vars(cache)) - set(vars(DynamicCache()))) if cache is not None else []
+        supported = f"the ONNX decode step carries a DynamicCache of {list(PLAIN_LAYER_CLASSES)} layers only"
+        if cache is None:
+            raise GSAError(f"{name}: a forward with use_cache=True returned no cache; {supported}")
+        state = sorted(set(vars(cache)) - set(vars(DynamicCache())))
         raise GSAError(
             f"{name}: the model keeps its cache in a {type(cache).__name__}"
             + (f", which keeps state other than growing keys and values ({', '.join(state)})" if state else "")
-            + f"; the ONNX decode step carries a DynamicCache of {list(PLAIN_LAYER_CLASSES)} layers only"
+            + f"; {supported}"
         )
     layouts = []
     for layer, cache_layer in enumerate(cache.layers):
