@@ -132,8 +132,8 @@ def gsa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
     step: Optional[DecodeStep] = kwargs.pop(STEP_KWARG, None) or getattr(_CURRENT, "step", None)
     reason = _call_dense_reason(site, module, query, attention_mask, dropout, kwargs, step)
     tiles = 1
-    if reason is None and site.policy != "dense" and key.shape[1] != site.shape.kv_heads:
-        tiles = _tiles(module, key, site)
+    if reason is None and site.policy != "dense":
+        tiles = cached_head_tiles(module, key, site)
         if tiles is None:
             reason = "kv_heads_repeated"
     plan = None
@@ -146,7 +146,7 @@ def gsa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
     if reason is None:
         bias = plan.bias
         if tiles > 1:
-            sparse_query, sparse_key, sparse_value, bias, sinks = _untiled(
+            sparse_query, sparse_key, sparse_value, bias, sinks = untiled(
                 query, key, value, bias, sinks, site.shape.kv_heads, tiles)
         reason, blocks = _selection(site, module, step, plan, sparse_query, options)
     if reason is not None:
@@ -161,21 +161,24 @@ def gsa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
     out = ops.sparse_attention(sparse_query, sparse_key, sparse_value, blocks, plan.valid, bias, options["chunk_size"],
                                scaling, kwargs.get("softcap"), sinks)
     if tiles > 1:
-        out = _head_order(out, tiles, site.shape.kv_heads, inverse=True)
+        out = head_order(out, tiles, site.shape.kv_heads, inverse=True)
     _count_sparse(site, step, plan, blocks, sparse_key, sparse_value, options["chunk_size"])
     return out.transpose(1, 2).contiguous(), None
 
 
-def _tiles(module, key, site: GSASite) -> Optional[int]:
+def cached_head_tiles(module, key, site: GSASite) -> Optional[int]:
     """How many times the module tiled its cached KV heads before attention (key head j is
-    cached head j % Hkv), or None where keys have more heads for a reason not proven here."""
+    cached head j % Hkv; 1: keys are the cached heads), or None where keys have more heads for a
+    reason not proven here. The HF route and the ONNX export share this rule."""
     kv_heads = site.shape.kv_heads
+    if key.shape[1] == kv_heads:
+        return 1
     if key.shape[1] % kv_heads or not tiles_cached_heads(type(module)):
         return None
     return key.shape[1] // kv_heads
 
 
-def _head_order(x: Optional[torch.Tensor], tiles: int, kv_heads: int, inverse: bool = False):
+def head_order(x: Optional[torch.Tensor], tiles: int, kv_heads: int, inverse: bool = False):
     """Heads [B, tiles * Hkv * G, ...] ordered tile-major (head i reads cached head (i // G) % Hkv)
     -> KV-head-major (the G * tiles heads of cached head h together), or back with inverse."""
     if x is None or x.shape[1] == 1:
@@ -187,13 +190,14 @@ def _head_order(x: Optional[torch.Tensor], tiles: int, kv_heads: int, inverse: b
     return split.transpose(1, 2).reshape(x.shape)
 
 
-def _untiled(query, key, value, bias, sinks, kv_heads: int, tiles: int):
+def untiled(query, key, value, bias, sinks, kv_heads: int, tiles: int):
     """A call over tiled KV heads as one over the cached heads: the first tile of K and V (the
-    cache itself) and the query heads (their bias and sinks) grouped by the cached head they read."""
+    cache itself) and the query heads (their bias and sinks) grouped by the cached head they read;
+    head_order(out, tiles, kv_heads, inverse=True) puts the call's output heads back."""
     if sinks is not None:
-        sinks = _head_order(sinks.view(1, -1), tiles, kv_heads).view(-1)
-    return (_head_order(query, tiles, kv_heads), key[:, :kv_heads], value[:, :kv_heads],
-            _head_order(bias, tiles, kv_heads), sinks)
+        sinks = head_order(sinks.view(1, -1), tiles, kv_heads).view(-1)
+    return (head_order(query, tiles, kv_heads), key[:, :kv_heads], value[:, :kv_heads],
+            head_order(bias, tiles, kv_heads), sinks)
 
 
 def _fast_dense_decode(query, key, value, attention_mask, scaling, kwargs) -> Optional[torch.Tensor]:

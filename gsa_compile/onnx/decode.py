@@ -208,7 +208,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             f"{type(module).__name__} runs the {IMPLEMENTATION!r} attention implementation outside a "
             f"gsa_compile.onnx.DecodeStep; it only serves the ONNX export of a decode step"
         )
-    reason = _plain_reason(site, module, attention_mask, dropout, kwargs, state)
+    from ..capture.hf_attention import head_order, untiled
+
+    reason, tiles = _plain_reason(site, module, key, attention_mask, dropout, kwargs, state)
     if reason is not None:
         if site.policy != "dense":
             state.plain[site.layer] = reason
@@ -217,6 +219,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     options = site.attention_kwargs(state.device_type)
     mask = _explicit_mask(attention_mask, steps, num_keys, query.device)
     softcap = kwargs.get("softcap")
+    if tiles > 1:
+        # Keys tiled over the cached heads (JetMoE): attend the cached heads, whose codes the
+        # cache holds, with the query heads grouped by the head they read, as the HF route does.
+        query, key, value, mask, _ = untiled(query, key, value, mask, None, site.shape.kv_heads, tiles)
     if site.policy == "sparse":
         new_keys = key[:, :, num_keys - steps:]
         codes = torch.cat([state.past_codes[layer], functional.encode(new_keys, site.hash_weight)], dim=2)
@@ -239,20 +245,28 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             options["must_select"], options["repre"], options["scope"], options["seq_len_threshold"],
             options["concurrency_threshold"],
         )
+    if tiles > 1:
+        out = head_order(out, tiles, site.shape.kv_heads, inverse=True)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _plain_reason(site, module, attention_mask, dropout, kwargs, state) -> Optional[str]:
-    """Why a layer is exported as the model's own attention (the Hugging Face route's rules for
-    what the sparse path does not implement), or None for a gsa op."""
-    from ..capture.hf_attention import plain_attention_reason
+def _plain_reason(site, module, key, attention_mask, dropout, kwargs, state) -> tuple[Optional[str], int]:
+    """(why a layer is exported as the model's own attention, or None for a gsa op; how many
+    times the call's keys tile the cached heads), by the Hugging Face route's rules for what the
+    sparse path does not implement."""
+    from ..capture.hf_attention import cached_head_tiles, plain_attention_reason
+    from ..decode import DENSE_REASONS
 
     plain = plain_attention_reason(site, module, attention_mask, dropout, kwargs)
     if plain is not None:
-        return plain[1]
+        return plain[1], 1
+    tiles = cached_head_tiles(module, key, site)
+    if tiles is None:
+        return (f"{DENSE_REASONS['kv_heads_repeated']} ({key.shape[1]} key heads, {site.shape.kv_heads} cached)",
+                1)
     if site.policy == "reuse" and site.source().layer not in state.blocks:
-        return f"layer {site.source().layer} whose selection this layer reuses is plain attention"
-    return None
+        return f"layer {site.source().layer} whose selection this layer reuses is plain attention", tiles
+    return None, tiles
 
 
 def _explicit_mask(attention_mask, steps, num_keys, device):
@@ -345,12 +359,15 @@ def _probe_layouts(model: nn.Module, runtime, name: str) -> list[CacheLayout]:
 
     from ..capture.hf import cache_argument, gsa_disabled
 
-    cache = DynamicCache(config=model.config)
+    argument = cache_argument(model)
+    # As generate() does: a DynamicCache where the model takes one, else none, and the model
+    # builds its own (MiniMax), which its output returns under the argument's name.
+    given = {argument: DynamicCache(config=model.config)} if model._supports_default_dynamic_cache() else {}
     device = next(model.parameters()).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     with torch.no_grad(), gsa_disabled(model):
-        model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
-    layouts = cache_layouts(cache, name)
+        out = model(input_ids=ids, use_cache=True, **given)
+    layouts = cache_layouts(given[argument] if given else out.get(argument), name)
     if len(layouts) != len(runtime.sites):
         raise GSAError(
             f"{name}: the cache has {len(layouts)} layers but the model has {len(runtime.sites)} attention "
@@ -360,9 +377,23 @@ def _probe_layouts(model: nn.Module, runtime, name: str) -> list[CacheLayout]:
 
 
 def cache_layouts(cache, name: str) -> list[CacheLayout]:
-    """Each layer's cache tensors after a 2-token forward; refuses layers that hold anything but
-    growing keys and values."""
+    """Each layer's cache tensors after a 2-token forward; refuses caches and layers that hold
+    anything but growing keys and values."""
+    from transformers.cache_utils import DynamicCache
+
     cache = getattr(cache, "self_attention_cache", cache)
+    # The step hands the model a DynamicCache built from the past tensors: a cache class of the
+    # model's own (MiniMax's, with linear-attention state beside its layers) cannot be rebuilt so.
+    if type(cache) is not DynamicCache:
+        supported = f"the ONNX decode step carries a DynamicCache of {list(PLAIN_LAYER_CLASSES)} layers only"
+        if cache is None:
+            raise GSAError(f"{name}: a forward with use_cache=True returned no cache; {supported}")
+        state = sorted(set(vars(cache)) - set(vars(DynamicCache())))
+        raise GSAError(
+            f"{name}: the model keeps its cache in a {type(cache).__name__}"
+            + (f", which keeps state other than growing keys and values ({', '.join(state)})" if state else "")
+            + f"; {supported}"
+        )
     layouts = []
     for layer, cache_layer in enumerate(cache.layers):
         kind = type(cache_layer).__name__

@@ -180,9 +180,14 @@ def export_onnx(
     program = capture(model, args, config=config, kwargs=kwargs, dynamic_shapes=dynamic_shapes)
     refuse_complex(program)
     logger.info("exporting %d gsa nodes: %s", len(gsa_nodes(program)), sorted(set(gsa_nodes(program))))
+    # optimize=False: onnxscript's optimizer rewrites x + c, x - c, x * c and x / c to x when c is
+    # within 1e-8 of 0 or 1e-5 (relative) of 1, so Helium's RMSNorm (eps 1e-8) lost its epsilon and
+    # a zero hidden row (the padding token's embedding) became 0 * inf = NaN. The graph is left as
+    # torch translated it; onnxruntime's own graph optimizations (which keep that epsilon) run
+    # when a session loads it.
     onnx_program = torch.onnx.export(
         program, dynamo=True, custom_translation_table=translation_table(),
-        input_names=input_names, output_names=output_names, optimize=True, verbose=False,
+        input_names=input_names, output_names=output_names, optimize=False, verbose=False,
     )
     if path is None:
         proto = _finish(onnx_program.model_proto, edit)

@@ -120,13 +120,13 @@ def test_keys_tiled_after_the_cache_run_sparse_over_the_cached_heads():
 
 
 def test_head_order_round_trip_groups_query_heads_by_the_cached_head_they_read():
-    from gsa_compile.capture.hf_attention import _head_order
+    from gsa_compile.capture.hf_attention import head_order
 
     heads = torch.arange(12).view(1, 12, 1, 1).float()  # 2 tiles x 3 cached heads x 2 query heads each
-    grouped = _head_order(heads, tiles=2, kv_heads=3)
+    grouped = head_order(heads, tiles=2, kv_heads=3)
     cached = (heads.view(-1).long() // 2) % 3  # the cached head each original query head reads
     assert cached[grouped.view(-1).long()].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
-    assert torch.equal(_head_order(grouped, tiles=2, kv_heads=3, inverse=True), heads)
+    assert torch.equal(head_order(grouped, tiles=2, kv_heads=3, inverse=True), heads)
 
 
 def test_models_outside_the_interface_refused_with_the_modules_named():

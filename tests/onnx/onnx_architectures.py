@@ -44,6 +44,9 @@ ARCHITECTURES = {
     "phi": {},
     "qwen3_moe": dict(head_dim=16),
     "olmo": {},
+    "helium": dict(head_dim=16),
+    "jetmoe": dict(kv_channels=16),
+    "minimax": dict(layer_types=["full_attention", "linear_attention"]),
 }
 
 
