@@ -87,15 +87,19 @@ class DecodeStep:
         self.runtime = runtime
         self.cache = getattr(cache, "self_attention_cache", cache)
         self.selections: dict[int, torch.Tensor] = {}  # layer -> int32 [B, Hkv, width]
-        self._plans: dict = {}
+        self._plans: list = []  # (num_keys, thresholds, plan)
 
     def plan(self, query, num_keys: int, attention_mask, options: dict) -> decode.DecodePlan:
         """The step's decode plan for this cache length (the same for all its full-attention layers)."""
-        key = (num_keys, options["chunk_size"], options["seq_len_threshold"], options["concurrency_threshold"])
-        if key not in self._plans:
-            mask = _decode_mask(attention_mask, query, num_keys)
-            self._plans[key] = decode.plan_decode(query, num_keys, mask, False, *key[1:])
-        return self._plans[key]
+        thresholds = (options["chunk_size"], options["seq_len_threshold"], options["concurrency_threshold"])
+        # Found by comparison, not by hashing: while compiling, num_keys is symbolic, and hashing
+        # it would pin the compiled step to one cache length (a recompile every decode step).
+        for known_keys, known_thresholds, plan in self._plans:
+            if known_thresholds == thresholds and known_keys == num_keys:
+                return plan
+        plan = decode.plan_decode(query, num_keys, _decode_mask(attention_mask, query, num_keys), False, *thresholds)
+        self._plans.append((num_keys, thresholds, plan))
+        return plan
 
     def codes(self, site: GSASite):
         """(codes, norms) of the site's layer in this call's cache, or (None, None)."""

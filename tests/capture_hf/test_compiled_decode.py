@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 from transformers.generation.configuration_utils import CompileConfig
 
 from gsa_compile.capture.hf import cache_argument, optimize_transformers
@@ -115,3 +115,22 @@ def test_hand_compiled_forward_over_a_static_cache(original, grad):
     assert counters["stats"]["unique_graphs"] == 1, "the decode step recompiled"
     assert torch.equal(compiled, eager)
     assert assert_codes_match_keys(cache) == 2
+
+
+def test_compiled_forward_over_a_growing_dynamic_cache_does_not_recompile_per_step(original):
+    # torch.compile(model.forward) by hand over a DynamicCache: the cache grows one key per step;
+    # after the prefill and the first decode step (where dynamo makes the length dynamic) no
+    # step compiles again, as for the model without GSA.
+    config = gsa_config(original, budget_tokens=2 * CHUNK, cpu_seq_len_threshold=0, cpu_concurrency_threshold=0)
+    model = optimize_transformers(copy.deepcopy(original), config)
+    torch._dynamo.reset()
+    counters.clear()
+    forward = torch.compile(model.forward, backend="eager")
+    ids = _prompt()[0]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = forward(input_ids=ids, past_key_values=cache)
+        for _ in range(8):
+            out = forward(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
+    assert counters["stats"]["unique_graphs"] <= 3, "a decode step recompiled for the new cache length"
+    assert model.gsa_runtime.total_stats().sparse_calls > 0
