@@ -33,7 +33,11 @@ import torch
 from torch import nn
 
 from .. import functional, ops
+from ..capture.hf import cache_argument, gsa_disabled, optimize_transformers, restore_transformers
+from ..capture.hf_attention import cached_head_tiles, head_order, plain_attention_reason, untiled
+from ..capture.hf_sites import SITE_ATTRIBUTE, attention_owner
 from ..config import GSAConfig
+from ..decode import DENSE_REASONS
 from ..errors import GSAError
 
 logger = logging.getLogger(__name__)
@@ -82,8 +86,6 @@ class DecodeStep(nn.Module):
 
     def __init__(self, model: nn.Module, config: Optional[GSAConfig] = None, device_type: str = "cpu"):
         super().__init__()
-        from ..capture.hf import cache_argument, optimize_transformers
-
         name = type(model).__name__
         _check_causal_lm(model)
         runtime = getattr(model, "gsa_runtime", None)
@@ -199,8 +201,6 @@ class DecodeStep(nn.Module):
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The attention implementation a DecodeStep traces: one gsa op per GSA site, the model's
     own attention function for every layer the Hugging Face route keeps plain."""
-    from ..capture.hf_sites import SITE_ATTRIBUTE
-
     site = getattr(module, SITE_ATTRIBUTE, None)
     state = _CURRENT.get()
     if site is None or state is None:
@@ -208,8 +208,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             f"{type(module).__name__} runs the {IMPLEMENTATION!r} attention implementation outside a "
             f"gsa_compile.onnx.DecodeStep; it only serves the ONNX export of a decode step"
         )
-    from ..capture.hf_attention import head_order, untiled
-
     reason, tiles = _plain_reason(site, module, key, attention_mask, dropout, kwargs, state)
     if reason is not None:
         if site.policy != "dense":
@@ -254,9 +252,6 @@ def _plain_reason(site, module, key, attention_mask, dropout, kwargs, state) -> 
     """(why a layer is exported as the model's own attention, or None for a gsa op; how many
     times the call's keys tile the cached heads), by the Hugging Face route's rules for what the
     sparse path does not implement."""
-    from ..capture.hf_attention import cached_head_tiles, plain_attention_reason
-    from ..decode import DENSE_REASONS
-
     plain = plain_attention_reason(site, module, attention_mask, dropout, kwargs)
     if plain is not None:
         return plain[1], 1
@@ -295,9 +290,6 @@ def _export_attention(model):
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    from ..capture.hf import gsa_disabled
-    from ..capture.hf_sites import attention_owner
-
     runtime = model.gsa_runtime
     # The module whose attention the route replaced (a multimodal model's text model: its
     # other towers keep theirs, some of which accept no other implementation).
@@ -325,8 +317,6 @@ def _refuse_latent_selection(model: nn.Module, runtime, name: str) -> None:
     """MLA layers selecting in the latent space (gsa_compile.mla) have no ONNX lowering: the
     gsa.Attention node scores codes of the keys it attends, and a latent site's codes are those
     of the cached latents, with a query absorbed through kv_b_proj."""
-    from ..capture.hf import restore_transformers
-
     latent = [site.layer for site in runtime.computing_sites() if site.latent is not None]
     if not latent:
         return
@@ -356,8 +346,6 @@ def _probe_layouts(model: nn.Module, runtime, name: str) -> list[CacheLayout]:
     """Run two tokens through the model with the cache generate() would build and read each
     layer's cache tensors; refuse caches that hold more than growing keys and values."""
     from transformers.cache_utils import DynamicCache
-
-    from ..capture.hf import cache_argument, gsa_disabled
 
     argument = cache_argument(model)
     # As generate() does: a DynamicCache where the model takes one, else none, and the model

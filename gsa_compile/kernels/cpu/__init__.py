@@ -118,9 +118,7 @@ def gather_selected(key, value, blocks, valid, attn_bias, chunk_size):
 
 def sparse_attention(query, key, value, blocks, valid, attn_bias, chunk_size, scale, softcap, sinks=None):
     if softcap is None:
-        blocks32 = blocks if blocks.dtype == torch.int32 else blocks.to(torch.int32)
-        out = native.sparse_attention_f32(query, key, value, blocks32, valid, attn_bias, chunk_size,
-                                          query.shape[-1] ** -0.5 if scale is None else scale, sinks)
+        out = native.sparse_attention_f32(query, key, value, blocks, valid, attn_bias, chunk_size, scale, sinks)
         if out is not None:
             return out
     keys, values, allowed, bias = gather_selected(key, value, blocks, valid, attn_bias, chunk_size)

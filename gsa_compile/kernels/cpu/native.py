@@ -229,18 +229,20 @@ def group_similarity(key_codes: torch.Tensor, planes: torch.Tensor, weights: lis
     return out
 
 
-def sparse_attention_f32(query, key, value, blocks, valid, attn_bias, chunk_size: int, scale: float,
+def sparse_attention_f32(query, key, value, blocks, valid, attn_bias, chunk_size: int, scale: Optional[float],
                          sinks=None) -> Optional[torch.Tensor]:
     """[B, Hq, 1, Dv] float32 attention over the selected blocks (the CPU kernel's contract for
     one query token, float32 tensors, no softcap), or None when the compiled library is not
     available or the inputs are outside what the loop takes."""
     library = _library()
-    if library is None or query.shape[2] != 1 or blocks.dtype != torch.int32:
+    if library is None or query.shape[2] != 1:
         return None
     if any(t is not None and t.dtype != torch.float32 for t in (query, key, value, attn_bias, sinks)):
         return None
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    blocks = blocks.to(torch.int32)
     batch, q_heads, _, dim = query.shape
+    scale = dim ** -0.5 if scale is None else scale
     kv_heads, num_keys, dim_v = key.shape[1], key.shape[2], value.shape[-1]
     out = torch.empty((batch, q_heads, 1, dim_v), dtype=torch.float32)
     valid_bytes = None if valid is None else valid.to(torch.uint8)
