@@ -11,7 +11,8 @@ Rows (path x cache):
   asynchronously, so this is the host's own work) and reported per sparse and per dense layer.
 - gsa / dense_gsa_kernel: static cache + transformers' auto-compile (CUDA graphs); attention
   calls are inside the graph, so only the per-step figures apply.
-Per step, from torch.profiler over generate(): GPU kernels launched, host-device syncs
+ms/step is a decode step after generate()'s first forward (benchmarks/e2e_generate.py says how
+it is timed). Per step, from torch.profiler over generate(): GPU kernels launched, host-device syncs
 (cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize), scalar reads of device
 data (.item(), bool(tensor)), and the GPU-busy share (GPU time of a step, the union of kernel
 intervals, over its timed ms/step; well below 100% means the step waits on the host). Prints a
@@ -89,13 +90,15 @@ def profile_path(model, path: str, compiled: bool, batch: int, prompt: int, args
     row = {"batch": batch, "prompt": prompt, "path": path, "cache": "static" if compiled else "dynamic"}
     with e2e.attention_path(model, path):
         generate(3)  # warm-up (compiles the static paths)
-        row["ms_per_step"] = 1e3 * min(generate(args.new_tokens) for _ in range(2)) / args.new_tokens
+        step, first, _ = min(e2e.timed_decode(model, ids, mask, cache, args.new_tokens, compiled, device, prompt - 1)
+                             for _ in range(2))
+        row.update(ms_per_step=1e3 * step, first_forward_ms=1e3 * first)
         if not compiled:
             seconds = collections.defaultdict(list)
             with timed_attention(model, seconds):
                 generate(args.new_tokens)
             row.update(layer_host_ms(model, seconds))
-        row.update(e2e.profile_counts(lambda: generate(args.new_tokens), args.new_tokens, device))
+        row.update(e2e.profile_step(generate, args.new_tokens, device))
         if args.trace:  # a short run: a trace of every step of a 32-layer model runs to hundreds of MB
             e2e.profile_counts(lambda: generate(TRACE_TOKENS), TRACE_TOKENS, device,
                                os.path.join(args.out, f"trace_{path}.json"))

@@ -4,7 +4,11 @@
     python benchmarks/e2e_generate.py --out e2e_out                  # H200: 32 layers, the default shapes
     python benchmarks/e2e_generate.py --tiny --out /tmp/e2e           # CPU smoke run of the same paths
 
-Paths (rows), each timed as generate() of --new-tokens tokens after a filled cache:
+Paths (rows), each timed as generate() after a filled cache. generate()'s first forward is its
+prefill, which transformers runs without the compiled step (eagerly, also when it compiles the
+decode), so a decode step is timed as the difference of generate() of --new-tokens tokens and
+of one token, over --new-tokens - 1 steps (the time per output token after the first, what a
+long generation runs at); the first forward's time is reported beside it:
 - static cache + transformers' auto-compile (torch.compile mode "reduce-overhead": CUDA graphs):
   gsa (gsa_compile.optimize), dense_hf (the model's own sdpa attention: with the static cache's
   mask transformers repeats K/V), dense_flex (FlexAttention decode over un-repeated K/V, the
@@ -17,13 +21,13 @@ The strongest dense is the fastest exact dense row of the static paths.
 
 The cache is filled with random keys and values for the prompt (the weights are random too)
 instead of a prefill: what is measured is the decode, and every path reads the same cache. Each
-path is warmed up (compiled), then timed twice in ABBA order; the best time counts. "agree" is
+path is warmed up (compiled), then timed twice in ABBA order; the best step time counts. "agree" is
 the share of rows whose generated tokens equal dense_hf's; with --agreement, a run at a budget
 covering every block checks that GSA then reproduces dense (the 2048-token rows differ on random
 caches, whose attention is diffuse). Bytes floor per step: weights + the K/V every layer must
 read (the selected blocks and the codes in sparse layers), at the copy bandwidth measured here.
-"GPU busy" (CUDA): the GPU time of a step (the union of kernel intervals in one more, profiled
-run of each path) over its timed ms/step; well below 100% means the step waits on the host
+"GPU busy" (CUDA): the GPU time of a step (the union of kernel intervals in profiled runs of
+each path, the same difference of two generate() lengths) over its timed ms/step; well below 100% means the step waits on the host
 (benchmarks/decode_profile.py breaks a step down further).
 Prints a table, writes e2e.json, and a plot with --plot."""
 
@@ -186,6 +190,26 @@ def generate_seconds(model, ids, mask, cache, new_tokens: int, compiled: bool, d
     return time.perf_counter() - started, out[:, ids.shape[1]:]
 
 
+def timed_decode(model, ids, mask, cache, new_tokens: int, compiled: bool, device: str, length: int):
+    """(seconds per decode step, seconds of generate()'s first forward, tokens): generate() of
+    one token (its first forward, eager) and of new_tokens tokens, the step being the
+    difference over new_tokens - 1. The cache is rewound to `length` after each."""
+    first, _ = generate_seconds(model, ids, mask, cache, 1, compiled, device)
+    rewind(cache, length)
+    total, tokens = generate_seconds(model, ids, mask, cache, new_tokens, compiled, device)
+    rewind(cache, length)
+    return (total - first) / (new_tokens - 1), first, tokens
+
+
+def profile_step(generate, new_tokens: int, device: str) -> dict:
+    """profile_counts of one decode step: the counts of generate(new_tokens) less those of
+    generate(1), over new_tokens - 1 (generate(tokens) runs and rewinds)."""
+    first = profile_counts(lambda: generate(1), 1, device)
+    total = profile_counts(lambda: generate(new_tokens), 1, device)
+    return {name: None if value is None else (value - first[name]) / (new_tokens - 1)
+            for name, value in total.items()}
+
+
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
@@ -287,30 +311,31 @@ def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: floa
         results, busy = {}, {}
         order = [p for p in paths if p in args.paths]
 
-        def timed(path: str, warm: bool, cache=cache):  # bound now: the cache is freed after the loop
+        def generate(tokens: int, cache=cache):  # bound now: the cache is freed after the loop
+            generate_seconds(model, ids, mask, cache, tokens, compiled, device)
+            rewind(cache, prompt - 1)
+
+        def timed(path: str, warm: bool, cache=cache):
             try:
                 with attention_path(model, path):
                     if warm:
-                        generate_seconds(model, ids, mask, cache, 3, compiled, device)
-                        rewind(cache, prompt - 1)
+                        generate(3)
                     calls = sparse_calls(model)
-                    seconds, tokens = generate_seconds(model, ids, mask, cache, args.new_tokens, compiled, device)
+                    step, first, tokens = timed_decode(model, ids, mask, cache, args.new_tokens, compiled, device,
+                                                       prompt - 1)
                     calls = sparse_calls(model) - calls
-                    if warm and device == "cuda":  # one more run, profiled (not timed)
-                        rewind(cache, prompt - 1)
-                        busy[path] = profile_counts(
-                            lambda: generate_seconds(model, ids, mask, cache, args.new_tokens, compiled, device),
-                            args.new_tokens, device)
+                    if warm and device == "cuda":  # more runs, profiled (not timed)
+                        busy[path] = profile_step(generate, args.new_tokens, device)
             except Exception as exc:  # one path failing must not lose the others' numbers
                 print(f"  {path}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
                 results[path] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
                 return
             finally:
                 rewind(cache, prompt - 1)
-            best = results.get(path, {}).get("seconds", math.inf)
-            if seconds < best:
-                results[path] = {"seconds": seconds, "tokens": tokens, "sparse_calls": calls}
-            print(f"  {path}: {seconds / args.new_tokens * 1e3:.2f} ms/step", flush=True)
+            best = results.get(path, {}).get("step", math.inf)
+            if step < best:
+                results[path] = {"step": step, "first": first, "tokens": tokens, "sparse_calls": calls}
+            print(f"  {path}: {step * 1e3:.2f} ms/step, first forward {first * 1e3:.1f} ms", flush=True)
 
         for path in order:  # A B C ... warm and timed
             timed(path, warm=True)
@@ -328,9 +353,9 @@ def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: floa
             if "error" in result:
                 rows.append({**row, "error": result["error"]})
                 continue
-            ms = result["seconds"] / args.new_tokens * 1e3
+            ms = result["step"] * 1e3
             floor = floor_bytes(model, batch, prompt, path)
-            row.update(ms_per_step=ms, tokens_per_s=batch * args.new_tokens / result["seconds"],
+            row.update(ms_per_step=ms, tokens_per_s=batch / result["step"], first_forward_ms=result["first"] * 1e3,
                        sparse_calls=result["sparse_calls"], floor_gb=floor / 1e9,
                        floor_share=(floor / bandwidth * 1e3) / ms if bandwidth == bandwidth else None)
             row.update(busy.get(path, {}))
@@ -371,14 +396,16 @@ def agreement(model, args, device: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    header = ["batch", "prompt", "path", "ms/step", "tok/s", "x strongest dense", "floor GB", "floor share",
+    header = ["batch", "prompt", "path", "ms/step", "tok/s", "first forward ms", "x strongest dense", "floor GB",
+              "floor share",
               "GPU busy", "sparse calls", "agree", "agree (gsa kernel)"]
     lines = [header]
     for r in rows:
         if "error" in r:
-            lines.append([r["batch"], r["prompt"], r["path"], "failed", r["error"][:60], "", "", "", "", "", "", ""])
+            lines.append([r["batch"], r["prompt"], r["path"], "failed", r["error"][:60]] + [""] * (len(header) - 5))
             continue
         lines.append([r["batch"], r["prompt"], r["path"], f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:.1f}",
+                      f"{r['first_forward_ms']:.1f}",
                       f"{r.get('vs_strongest_dense', float('nan')):.2f}", f"{r['floor_gb']:.1f}",
                       "" if r.get("floor_share") is None else f"{r['floor_share']:.0%}",
                       "" if r.get("gpu_busy_share") is None else f"{r['gpu_busy_share']:.0%}", r["sparse_calls"],
@@ -423,6 +450,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, layers: int, shapes: str)
 
 def parse_run_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens must be at least 2 (a step is timed after generate()'s first forward), "
+                     f"got {args.new_tokens}")
     args.paths = tuple(p for p in args.paths.split(",") if p)
     args.dynamic_shapes = {int(p) for p in args.dynamic_shapes.split(",") if p}
     args.agreement = tuple(int(x) for x in args.agreement.split("x")) if args.agreement else None
