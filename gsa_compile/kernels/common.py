@@ -59,9 +59,9 @@ def num_selected_blocks(
     must_select: Sequence[int] = (0, -2, -1),
 ) -> int:
     """k = ceil(ratio * n_blocks) or ceil(budget_tokens / C), clamped to [#must-select, n_blocks]."""
-    from .validation import GSAInputError, check_budget, check_chunk, check_must_select
+    from .validation import GSAInputError, check_budget, check_chunk, check_must_select, is_int
 
-    if not (isinstance(num_keys, int) and not isinstance(num_keys, bool) and num_keys >= 0):
+    if not (is_int(num_keys) and num_keys >= 0):
         raise GSAInputError(f"num_keys must be an integer >= 0, got {num_keys!r}")
 
     check_budget(top_k_ratio, budget_tokens)

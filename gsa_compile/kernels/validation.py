@@ -99,7 +99,7 @@ def check_select(
     check_chunk(chunk_size)
     check_choice("repre", repre, REPRE_METHODS)
     check_choice("scope", scope, SCOPES)
-    _require(_is_int(num_blocks) and num_blocks >= 1, lambda: f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+    _require(is_int(num_blocks) and num_blocks >= 1, lambda: f"num_blocks must be an integer >= 1, got {num_blocks!r}")
     check_must_select(must_select)
     from .common import ceil_div, resolve_must_select
 
@@ -111,12 +111,13 @@ def check_select(
     )
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
+def is_int(value) -> bool:
+    # A SymInt is a size under torch.compile's dynamic shapes (a cache length that changed).
+    return isinstance(value, (Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
 def check_chunk(chunk_size: int) -> None:
-    _require(_is_int(chunk_size) and chunk_size > 0,
+    _require(is_int(chunk_size) and chunk_size > 0,
              lambda: f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
@@ -135,7 +136,7 @@ def check_key_norms(key_norms, batch: int, kv_heads: int, num_keys: int) -> None
 
 def check_must_select(must_select) -> None:
     _require(
-        isinstance(must_select, (list, tuple)) and all(_is_int(block) for block in must_select),
+        isinstance(must_select, (list, tuple)) and all(is_int(block) for block in must_select),
         lambda: "must_select must be a list of block indices (integers: non-negative count from the start, "
         f"negative from the end; () for none), got {must_select!r}",
     )
@@ -150,7 +151,7 @@ def check_budget(top_k_ratio, budget_tokens) -> None:
         f"budget_tokens={budget_tokens!r}",
     )
     if budget_tokens is not None:
-        _require(_is_int(budget_tokens) and budget_tokens >= 1,
+        _require(is_int(budget_tokens) and budget_tokens >= 1,
                  lambda: f"budget_tokens must be an integer >= 1 (tokens attended per row), got {budget_tokens!r}")
     else:
         _require(
@@ -162,7 +163,7 @@ def check_budget(top_k_ratio, budget_tokens) -> None:
 
 
 def _check_threshold(name: str, value) -> None:
-    _require(_is_int(value) and value >= 0, lambda: f"{name} must be an integer >= 0, got {value!r}")
+    _require(is_int(value) and value >= 0, lambda: f"{name} must be an integer >= 0, got {value!r}")
 
 
 def check_attn_mask(attn_mask, query: torch.Tensor, num_keys: int) -> None:

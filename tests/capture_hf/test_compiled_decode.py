@@ -134,3 +134,23 @@ def test_compiled_forward_over_a_growing_dynamic_cache_does_not_recompile_per_st
             out = forward(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
     assert counters["stats"]["unique_graphs"] <= 3, "a decode step recompiled for the new cache length"
     assert model.gsa_runtime.total_stats().sparse_calls > 0
+
+
+@pytest.mark.parametrize("decided_on_device", [False, True])
+def test_a_second_cache_size_compiles_with_a_dynamic_length(original, monkeypatch, decided_on_device):
+    # generate() with a static cache of another size in the same process: dynamo recompiles the
+    # step with a symbolic cache length (automatic dynamic shapes), so the GSA ops see symbolic
+    # sizes (the block count) while tracing. On a GPU the dense-or-sparse decision is made on
+    # the device; decided_on_device takes that path here.
+    if decided_on_device:
+        from gsa_compile import decode
+
+        monkeypatch.setattr(decode, "is_host_readable", lambda t: False)
+    model = optimize_transformers(copy.deepcopy(original), gsa_config(original, budget_tokens=2 * CHUNK))
+    torch._dynamo.reset()
+    ids, mask = _prompt()
+    for new_tokens in (NEW_TOKENS, NEW_TOKENS + 7):
+        options = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+        eager = model.generate(ids, disable_compile=True, **options)
+        compiled = model.generate(ids, compile_config=_auto_compile(), **options)
+        assert torch.equal(compiled, eager)
