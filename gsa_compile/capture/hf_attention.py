@@ -39,7 +39,7 @@ from ..errors import GSAConfigError, GSAError
 from ..kernels import common
 from . import hf_mla
 from .hf_cache import CodesMixin
-from .hf_sites import SITE_ATTRIBUTE, GSARuntime, GSASite, tiles_cached_heads
+from .hf_sites import SITE_ATTRIBUTE, GSARuntime, GSASite, device_count_increment, tiles_cached_heads
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class DecodeStep:
         self.cache = getattr(cache, "self_attention_cache", cache)
         self.selections: dict[int, torch.Tensor] = {}  # layer -> int32 [B, Hkv, width]
         self._plans: list = []  # (num_keys, thresholds, plan)
+        self._increments: list = []  # (plan, device_count_increment of the plan)
 
     def plan(self, query, num_keys: int, attention_mask, options: dict) -> decode.DecodePlan:
         """The step's decode plan for this cache length (the same for all its full-attention layers)."""
@@ -100,6 +101,15 @@ class DecodeStep:
         plan = decode.plan_decode(query, num_keys, _decode_mask(attention_mask, query, num_keys), False, *thresholds)
         self._plans.append((num_keys, thresholds, plan))
         return plan
+
+    def count_increment(self, plan: decode.DecodePlan) -> torch.Tensor:
+        """What each layer deciding by this device plan adds to its counters (made once)."""
+        for known, increment in self._increments:
+            if known is plan:
+                return increment
+        increment = device_count_increment(plan.device_counts())
+        self._increments.append((plan, increment))
+        return increment
 
     def codes(self, site: GSASite):
         """(codes, norms) of the site's layer in this call's cache, or (None, None)."""
@@ -313,11 +323,8 @@ def _count_dense(site: GSASite, reason: str, query, key, value) -> None:
 
 def _count_sparse(site: GSASite, step: DecodeStep, plan: decode.DecodePlan, blocks, key, value, chunk_size: int) -> None:
     if plan.dense == "device":
-        # Counters 1 (sparse calls) and the two threshold reasons, with the dense calls they make.
-        counts = plan.device_counts()
-        site.count("sparse_calls", counts[0])
-        site.count("short", counts[1])
-        site.count("concurrency", counts[2])
+        # A sparse call, or a dense one for either threshold reason: one add for all of them.
+        site.add_counts(step.count_increment(plan))
     else:
         site.count("sparse_calls")
     if not site.runtime.collect_stats:

@@ -38,6 +38,27 @@ COUNTED = ("encoded_tokens", "sparse_calls", "dense_calls", "dense_kv_bytes", "s
 REASON_SLOTS = {reason: len(COUNTED) + i for i, reason in enumerate(DENSE_REASONS)}
 
 
+def _device_count_table() -> list:
+    """Counter slot -> what it takes of DecodePlan.device_counts() (sparse, dense as short,
+    dense as concurrency)."""
+    table = [[0, 0, 0] for _ in range(len(COUNTED) + len(REASON_SLOTS))]
+    table[COUNTED.index("sparse_calls")][0] = 1
+    table[COUNTED.index("dense_calls")][1] = table[COUNTED.index("dense_calls")][2] = 1
+    table[REASON_SLOTS["short"]][1] = 1
+    table[REASON_SLOTS["concurrency"]][2] = 1
+    return table
+
+
+DEVICE_COUNT_TABLE = _device_count_table()
+
+
+def device_count_increment(counts: torch.Tensor) -> torch.Tensor:
+    """int64 [slots]: what a call decided on the device adds to its site's counters, from the
+    plan's device_counts(); made once per step, added by each layer in one kernel."""
+    table = torch.tensor(DEVICE_COUNT_TABLE, dtype=torch.int64, device=counts.device)
+    return (table * counts).sum(-1)
+
+
 @dataclasses.dataclass
 class SiteStats:
     """What a site did since the last reset. Token counts are positions (batch rows and heads
@@ -185,6 +206,10 @@ class GSASite(nn.Module):
         else:
             for index in slots:
                 self._host_counts[index] += amount
+
+    def add_counts(self, increment: torch.Tensor) -> None:
+        """Add an int64 [slots] device tensor (device_count_increment) to the counters."""
+        self.counters.add_(increment)
 
     def counts(self) -> list:
         return [host + device for host, device in zip(self._host_counts, self.counters.tolist())]

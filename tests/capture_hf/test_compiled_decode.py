@@ -71,9 +71,15 @@ def test_static_generate_compiles_to_one_graph_and_matches_eager(original, thres
     assert stats.encoded_tokens == 2 * (PROMPT + NEW_TOKENS - 1)
 
 
-def test_compiled_thresholds_still_decide_dense(original):
+@pytest.mark.parametrize("decided_on_device", [False, True])
+def test_compiled_thresholds_still_decide_dense(original, monkeypatch, decided_on_device):
     # Row 0 holds 35 + step keys, row 1 40 + step: with a threshold of 44 the cache is short for
-    # the first steps, then row 1 alone is long, fewer than 2 rows: dense all the way.
+    # the first steps, then row 1 alone is long, fewer than 2 rows: dense all the way. On a GPU
+    # the decision stays on the device and the counters add what it decided (decided_on_device).
+    if decided_on_device:
+        from gsa_compile import decode
+
+        monkeypatch.setattr(decode, "is_host_readable", lambda t: False)
     config = gsa_config(original, budget_tokens=2 * CHUNK, cpu_seq_len_threshold=PROMPT + 4, cpu_concurrency_threshold=2)
     model = optimize_transformers(copy.deepcopy(original), config)
     torch._dynamo.reset()
