@@ -131,12 +131,13 @@ class GSAConfig:
         self._validate_mla()
         self._validate_hash_weight_source()
         object.__setattr__(self, "_validated_state", self._state())
+        # What is derived from the fields, per state: attention calls read it on every decode step.
+        object.__setattr__(self, "_derived", {})
 
     def _state(self) -> tuple:
-        return tuple(
-            tuple(value) if isinstance(value, list) else value
-            for value in (getattr(self, f.name) for f in dataclasses.fields(self))
-        )
+        values = self.__dict__
+        return tuple(tuple(value) if isinstance(value, list) else value
+                     for value in map(values.__getitem__, _FIELD_NAMES))
 
     def _ensure_valid(self) -> None:
         if self.__dict__.get("_validated_state") != self._state():
@@ -287,8 +288,17 @@ class GSAConfig:
 
     def attention_kwargs(self, layer: int, device_type: str) -> dict[str, Any]:
         """Keyword arguments of gsa::attention / functional.gsa_attention for a sparse or reuse
-        layer on a device type: budget of the layer's selection source, blocks, thresholds."""
+        layer on a device type: budget of the layer's selection source, blocks, thresholds.
+        Made once per layer, device type and state of the fields; each call gets its own copy."""
         self._ensure_valid()
+        derived = self.__dict__["_derived"]
+        key = ("attention_kwargs", layer, device_type)
+        if key not in derived:
+            derived[key] = self._attention_kwargs(layer, device_type)
+        kwargs = derived[key]
+        return {**kwargs, "must_select": list(kwargs["must_select"])}
+
+    def _attention_kwargs(self, layer: int, device_type: str) -> dict[str, Any]:
         if self._policy(layer) == "dense":
             raise GSAConfigError(f"layer {layer} is dense (top_k_ratio_per_layer[{layer}] >= 1); it has no GSA site")
         seq_len, concurrency = self.thresholds(device_type)
@@ -396,6 +406,10 @@ class GSAConfig:
                 derived = _derive_from_module(model_or_config)
         derived.update(overrides)
         return cls(**derived)
+
+
+# In the order _state compares them.
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GSAConfig))
 
 
 def default_ratios(num_layers: int, sparse_ratio: float = DEFAULT_SPARSE_RATIO) -> list:

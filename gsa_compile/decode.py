@@ -65,7 +65,7 @@ class DecodePlan:
     dense_on_device: Optional[Tensor] = None  # bool [] on the device: every filled block
     short_on_device: Optional[Tensor] = None  # bool []: the "short" part of dense_on_device
     row_length: Optional[Tensor] = None  # int64 [B]: 1 + last valid key index (0 without one)
-    _limits: dict = dataclasses.field(default_factory=dict)
+    _limits: dict = dataclasses.field(default_factory=dict)  # per budget: blocks, device-side limits
     _counts: Optional[Tensor] = None
 
     @property
@@ -79,12 +79,15 @@ class DecodePlan:
     def num_blocks(self, top_k_ratio: Optional[float], budget_tokens: Optional[int], must_select: Sequence[int]) -> int:
         """Width of the selection: k when the host knows every row's length, else every block
         (rows then stop at their device-side limit)."""
-        if self.dense is None:
-            return common.num_selected_blocks(
+        if self.dense is not None:
+            return self.n_blocks
+        key = ("num_blocks", top_k_ratio, budget_tokens, tuple(must_select))
+        if key not in self._limits:  # once per step and budget, not once per layer
+            self._limits[key] = common.num_selected_blocks(
                 self.num_keys, self.chunk_size, top_k_ratio=top_k_ratio, budget_tokens=budget_tokens,
                 must_select=must_select,
             )
-        return self.n_blocks
+        return self._limits[key]
 
     def limit(self, top_k_ratio: Optional[float], budget_tokens: Optional[int],
               must_select: Sequence[int]) -> Optional[Tensor]:

@@ -113,7 +113,7 @@ def check_select(
 
 def is_int(value) -> bool:
     # A SymInt is a size under torch.compile's dynamic shapes (a cache length that changed).
-    return isinstance(value, (Integral, torch.SymInt)) and not isinstance(value, bool)
+    return type(value) is int or (isinstance(value, (Integral, torch.SymInt)) and not isinstance(value, bool))
 
 
 def check_chunk(chunk_size: int) -> None:

@@ -159,3 +159,23 @@ def test_for_model_on_plain_modules():
 
 def test_package_exports():
     assert callable(gsa_compile.load_config) and gsa_compile.GSAConfig is GSAConfig
+
+
+def test_attention_kwargs_follow_every_edit_and_are_the_callers_own():
+    # Made once per state of the fields (attention calls read them every decode step): an edit,
+    # also inside a list field, applies to the next call; a caller changing its copy changes nothing.
+    config = GSAConfig(num_hidden_layers=8)
+    mine = config.attention_kwargs(3, "cpu")
+    mine["must_select"].append(9)
+    mine["chunk_size"] = 1
+    assert config.attention_kwargs(3, "cpu")["must_select"] == [0, -2, -1]
+    assert config.attention_kwargs(3, "cpu")["chunk_size"] == 128
+    config.chunk_size = 64
+    config.must_select_blocks.append(5)
+    config.gpu_seq_len_threshold = 7
+    assert config.attention_kwargs(3, "cpu")["chunk_size"] == 64
+    assert config.attention_kwargs(3, "cpu")["must_select"] == [0, -2, -1, 5]
+    assert config.attention_kwargs(3, "cuda")["seq_len_threshold"] == 7
+    config.chunk_size = -1
+    with pytest.raises(GSAConfigError, match="chunk_size"):
+        config.attention_kwargs(3, "cpu")
