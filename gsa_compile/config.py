@@ -367,7 +367,10 @@ class GSAConfig:
             raise GSAConfigError(f"{path} is not UTF-8 text (a GSA config is a UTF-8 JSON file): {exc}") from exc
         except OSError as exc:
             raise GSAConfigError(f"cannot read GSA config {path}: {exc.strerror or exc}") from exc
-        return cls.from_dict(data, source_dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            return cls.from_dict(data, source_dir=os.path.dirname(os.path.abspath(path)))
+        except GSAConfigError as exc:
+            raise GSAConfigError(f"GSA config {path}: {exc}") from exc
 
     def replace(self, **changes) -> "GSAConfig":
         """A copy with some fields changed; per-layer lists are re-derived when the depth changes."""

@@ -21,17 +21,17 @@ def _default(name: str) -> str:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="accuracy of sparse selection rules vs dense on synthetic long-context tasks")
     parser.add_argument("--model", default=None, help="a LlamaForCausalLM folder (default: the committed accuracy model)")
-    parser.add_argument("--tasks", default="passkey,kv,needle")
+    parser.add_argument("--tasks", default="passkey,kv,needle", help="comma-separated synthetic tasks (default passkey,kv,needle)")
     parser.add_argument("--lengths", default="2048,4096,8192", help="context lengths in tokens")
     parser.add_argument("--samples", type=int, default=20, help="samples per task and length")
     budgets = parser.add_argument("--budgets", help="budgets as shares of the context (default %(budgets)s)")
     rules = parser.add_argument("--rules", help="selection rules (default, and all there are: %(rules)s)")
     deferred_help(budgets, budgets=lambda: _default("DEFAULT_BUDGETS"))
     deferred_help(rules, rules=lambda: _default("RULES"))
-    parser.add_argument("--chunk-size", type=int, default=16)
-    parser.add_argument("--must-select", default="0,-1")
+    parser.add_argument("--chunk-size", type=int, default=16, help="block size of the selection (default 16)")
+    parser.add_argument("--must-select", default="0,-1", help="comma-separated blocks every selection keeps; negatives count from the end (default 0,-1)")
     parser.add_argument("--dense-layers", default="", help="layers kept dense under every rule, e.g. 0")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the evaluation samples")
     parser.add_argument("--hash-config", default=None,
                         help="gsa_config.json written by gsa-compile calibrate (trained weights); default: calibrate "
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--iterations", type=int, default=20, help="calibration iterations per epoch (without --hash-config)")
     parser.add_argument("--json", default="accuracy.json", help="where to write the results")
     parser.add_argument("--plot", default=None, help="where to write the PNG plot (default: beside the JSON)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device to run the model on (cpu, cuda)")
     parser.set_defaults(handler=run)
 
 

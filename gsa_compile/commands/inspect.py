@@ -3,6 +3,8 @@ example), capture it with torch.compile and print every attention site and what 
 
 from __future__ import annotations
 
+import difflib
+
 from . import deferred_help
 
 
@@ -29,7 +31,14 @@ def register(subparsers) -> None:
 def tiny_transformers_model(model_type: str, layers: int):
     """A transformers causal LM of `model_type` from a tiny config with random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING), n=3, cutoff=0.75)
+        raise SystemExit(
+            f"gsa-compile inspect: {model_type!r} is neither a transformers model type nor a built-in example "
+            f"({', '.join(_examples())})" + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
     sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     config = AutoConfig.for_model(model_type, **sizes)

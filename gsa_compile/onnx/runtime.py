@@ -192,4 +192,23 @@ def session(model, sess_options=None, providers: Sequence[str] = ("CPUExecutionP
         logger.info("no glibc mallopt here: the kernels' temporaries are allocated as the C library decides")
     options = sess_options or ort.SessionOptions()
     library.add_to(options)
-    return _session_class()(model, options, providers=list(providers))
+    try:
+        return _session_class()(model, options, providers=list(providers))
+    except Exception as exc:
+        if "CPUExecutionProvider" in providers and _holds_bfloat16(model):
+            raise GSAError(
+                "this ONNX model computes in bfloat16, which onnxruntime's CPU provider (and the gsa CPU "
+                "kernels) do not run: export it in float32 or float16 (model.float() or model.half() before "
+                f"gsa_compile.export_onnx), or pass a provider with bfloat16 kernels. onnxruntime said: {exc}"
+            ) from exc
+        raise
+
+
+def _holds_bfloat16(model) -> bool:
+    """Whether the model's graph inputs or weights are bfloat16 (read without external data)."""
+    import onnx
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    bfloat16 = onnx.TensorProto.BFLOAT16
+    return any(t.data_type == bfloat16 for t in proto.graph.initializer) or any(
+        i.type.tensor_type.elem_type == bfloat16 for i in proto.graph.input)

@@ -164,6 +164,11 @@ def test_inspect_command(model, capsys):
         assert "2 attention sites" in printed
 
 
+def test_inspect_command_names_an_unknown_model_briefly():
+    with pytest.raises(SystemExit, match=r"'lama' is neither a transformers model type .* did you mean llama"):
+        main(["inspect", "lama"])
+
+
 
 def test_config_by_shipped_name():
     """The name resolves to the shipped config, which a whole graph of another depth refuses."""

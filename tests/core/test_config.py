@@ -179,3 +179,10 @@ def test_attention_kwargs_follow_every_edit_and_are_the_callers_own():
     config.chunk_size = -1
     with pytest.raises(GSAConfigError, match="chunk_size"):
         config.attention_kwargs(3, "cpu")
+
+
+def test_a_bad_config_file_is_named_in_the_error(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"num_hidden_layers": 4, "chunk_size": -3}))
+    with pytest.raises(GSAConfigError, match=r"mine\.json: chunk_size must be an integer >= 1, got -3"):
+        GSAConfig.load(str(path))

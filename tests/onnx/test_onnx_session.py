@@ -153,3 +153,17 @@ def test_a_float16_node_runs_the_kernels_and_agrees_with_the_function():
     assert out.dtype == np.float16
     np.testing.assert_array_equal(blocks, expected_blocks)
     np.testing.assert_allclose(out.astype(np.float32), expected_out.astype(np.float32), atol=2e-3)
+
+
+def test_a_bfloat16_model_is_refused_with_what_to_do():
+    # onnxruntime's CPU provider has no bfloat16 kernels for most ops (Mul here): the session
+    # says so and how to export instead, rather than onnxruntime's bare type error.
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["y"])], "bf16",
+                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(gsa_compile.GSAError, match="bfloat16.*float32 or float16"):
+        gsa_compile.onnx.session(onnx.shape_inference.infer_shapes(model).SerializeToString())
