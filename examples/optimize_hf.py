@@ -34,6 +34,7 @@ with gsa_disabled(model):                        # the untouched dense model, fo
     dense_tokens = model.generate(prompt, max_new_tokens=16, do_sample=False)
 
 site = model.gsa_runtime.sites[2]
-print(f"layer 2: {site.stats.encoded_tokens} keys encoded once each, {site.stats.sparse_calls} sparse decode calls")
+print(f"layer 2: {site.stats.encoded_tokens} positions encoded once each (every row and KV head of a position "
+      f"together), {site.stats.sparse_calls} sparse decode calls")
 agree = (gsa_tokens[:, 1024:] == dense_tokens[:, 1024:]).float().mean().item()
 print(f"generated tokens equal to dense decoding: {agree:.0%} (random weights: attention is diffuse)")
