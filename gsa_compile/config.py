@@ -291,7 +291,7 @@ class GSAConfig:
         layer on a device type: budget of the layer's selection source, blocks, thresholds.
         Made once per layer, device type and state of the fields; each call gets its own copy."""
         self._ensure_valid()
-        derived = self.__dict__["_derived"]
+        derived = self.__dict__.setdefault("_derived", {})  # absent in a config unpickled from before
         key = ("attention_kwargs", layer, device_type)
         if key not in derived:
             derived[key] = self._attention_kwargs(layer, device_type)

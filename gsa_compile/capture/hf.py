@@ -12,6 +12,7 @@ a GSA site per attention module (hf_sites) and a codes state in its KV cache (hf
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import logging
@@ -55,7 +56,9 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
 
     config: a GSAConfig, a shipped config name or JSON path (gsa_compile.load_config), or None
     for GSAConfig.for_model(model) (the UCM GSA config format's default policy: first 2 and last 3 layers dense).
-    The model gets `gsa_report` (a Report) and `gsa_runtime` (policies, stats)."""
+    The model gets `gsa_report` (a Report) and `gsa_runtime` (policies, stats), and a copy of
+    its config: transformers keeps the attention implementation there, and other models built
+    from the same config object keep theirs."""
     if getattr(model, "gsa_runtime", None) is not None:
         restore_transformers(model)
     model_name = type(model).__name__
@@ -111,6 +114,7 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
         site = site if parameter is None else site.to(parameter.device)
         module.add_module(SITE_ATTRIBUTE, site)
 
+    own_configs(model)
     owner.set_attn_implementation(implementation)
     if owner.config._attn_implementation != implementation:
         restore_transformers(model, runtime)
@@ -123,6 +127,19 @@ def optimize_transformers(model: nn.Module, config: Union[GSAConfig, str, None] 
     model.gsa_report = report
     logger.info("GSA on %s:\n%s", model_name, report.table())
     return model
+
+
+def own_configs(model: nn.Module) -> None:
+    """Give the model and its modules a copy of the config objects they hold: transformers keeps
+    the attention implementation on the config, and another model built from the same config
+    object (a dense reference, say) must keep its own attention."""
+    copies: dict = {}
+    copied = copy.deepcopy(model.config, copies)
+    for module in model.modules():
+        held = module.__dict__.get("config")
+        if held is not None and id(held) in copies:
+            module.config = copies[id(held)]
+    model.config = copied
 
 
 def not_interface_reason(model: nn.Module, found=None) -> Optional[str]:

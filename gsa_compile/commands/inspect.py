@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 
+from ..errors import GSAError
 from . import deferred_help
 
 
@@ -35,8 +36,8 @@ def tiny_transformers_model(model_type: str, layers: int):
 
     if model_type not in CONFIG_MAPPING:
         close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING), n=3, cutoff=0.75)
-        raise SystemExit(
-            f"gsa-compile inspect: {model_type!r} is neither a transformers model type nor a built-in example "
+        raise GSAError(
+            f"{model_type!r} is neither a transformers model type nor a built-in example "
             f"({', '.join(_examples())})" + (f"; did you mean {', '.join(close)}?" if close else "")
         )
     sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,

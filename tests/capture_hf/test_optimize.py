@@ -90,6 +90,23 @@ def test_gsa_disabled_runs_the_original_and_restore_undoes_everything():
     assert not hasattr(model.model.layers[1].self_attn, "gsa_site")
 
 
+def test_a_model_sharing_the_config_object_keeps_its_own_attention():
+    # transformers keeps the attention implementation on the config: a dense reference built
+    # from the same config object must not start running GSA's (it has no sites).
+    original = build("llama")
+    model = copy.deepcopy(original)
+    reference = type(original)(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    dense, _ = decode_logits(reference, _prompt(96), 3)
+    optimize_transformers(model, gsa_config(original, budget_tokens=16))
+    assert reference.config._attn_implementation == "sdpa"
+    assert model.model.layers[1].self_attn.config is model.config
+    after, _ = decode_logits(reference, _prompt(96), 3)
+    torch.testing.assert_close(after, dense)
+    optimize_transformers(reference, gsa_config(original, budget_tokens=16))  # the original's name stays wrappable
+    assert reference.config._attn_implementation == "gsa"
+
+
 def test_eager_models_keep_their_own_eager_attention_for_dense_layers():
     original = build("gemma2")
     model = optimize_transformers(copy.deepcopy(original), gsa_config(original))
