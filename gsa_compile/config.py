@@ -536,7 +536,8 @@ def _derive_from_module(module: Any) -> dict:
     if not head_dims:
         raise GSAConfigError(
             f"found no attention module in {type(module).__name__} to size a config from; "
-            f"build one with GSAConfig(num_hidden_layers=..., head_dim=...) or let "
+            f"pass example inputs (GSAConfig.for_model(model, *example_inputs) sizes one from the captured "
+            f"graph), build one with GSAConfig(num_hidden_layers=..., head_dim=...), or let "
             f"gsa_compile.optimize number the attention sites it finds"
         )
     return {

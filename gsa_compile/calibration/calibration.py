@@ -3,6 +3,7 @@ layer policy) for a transformers model, written as a config that gsa_compile.opt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -108,13 +109,30 @@ def mla_layouts(model, config: GSAConfig) -> dict:
     return layouts
 
 
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """A training step is a few small matrix products: on a CPU one thread runs them without
+    the barrier waits of several (measured: the calibration of a short `gsa-compile eval` took
+    23 s instead of 40 s on two cores another process kept busy)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train_layer(layer: int, capture: LayerCapture, initial: torch.Tensor, settings: HataSettings, generator, progress: bool,
                  structure=None):
     from tqdm.auto import tqdm
 
     steps = capture.kv_heads * settings.epochs * settings.iterations
     heads, history = [], []
-    with tqdm(total=steps, desc=f"hash layer {layer}", unit="step", disable=not progress) as bar:
+    with tqdm(total=steps, desc=f"hash layer {layer}", unit="step", disable=not progress) as bar, \
+            _one_thread_on_cpu(capture.keys[0].device):
         for kv_head in range(capture.kv_heads):
             weight, losses = train_head(capture, kv_head, initial[kv_head], settings, generator, on_step=bar.update,
                                         structure=structure)

@@ -208,6 +208,22 @@ class ManualAttentionBlock(nn.Module):
         return (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, steps, hidden)
 
 
+class MultiheadPair(nn.Module):
+    """Two nn.MultiheadAttention layers: the first called without attention weights (a GSA
+    site), the second with PyTorch's default need_weights=True (left dense: the weights GSA would
+    have to compute are the call's second output)."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4):
+        super().__init__()
+        self.first = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.second = nn.MultiheadAttention(hidden, heads, batch_first=True)
+
+    def forward(self, x):
+        x = x + self.first(x, x, x, need_weights=False)[0]
+        out, weights = self.second(x, x, x)
+        return out, weights
+
+
 def build_example(name: str, layers: int = 4) -> tuple[nn.Module, tuple]:
     """(model, example args) of a built-in example by name (see EXAMPLES), with seeded weights
     (the global random state is left as it was)."""
@@ -226,7 +242,7 @@ def _build(name: str, layers: int) -> tuple[nn.Module, tuple]:
     if name == "manual":
         return ManualAttentionBlock().eval(), (torch.randn(1, 8, 32),)
     if name == "multihead":
-        return nn.MultiheadAttention(32, 4, batch_first=True).eval(), (torch.randn(1, 8, 32),) * 3
+        return MultiheadPair().eval(), (torch.randn(1, 8, 32),)
     raise ValueError(f"no built-in example {name!r}; examples are {list(EXAMPLES)}")
 
 

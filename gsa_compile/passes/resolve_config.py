@@ -37,10 +37,15 @@ def resolve_config(gm: fx.GraphModule, context: PassContext) -> fx.GraphModule:
     if num_layers > config.num_hidden_layers or (whole and not context.config_derived
                                                   and num_layers != config.num_hidden_layers):
         piece = "" if whole else " in this piece of the model (a graph break splits it)"
+        # A whole call of a submodule (a layer compiled on its own after a graph break in the
+        # model's forward) looks whole here too: the message names both causes.
+        split = ("" if not whole or num_layers > config.num_hidden_layers else
+                 "; if the model's forward has a graph break, each layer may compile on its own "
+                 "(torch.compile(..., fullgraph=True) shows where it breaks)")
         raise GSAConfigError(
             f"the model has {len(context.matches)} attention sites{piece} (layer ids up to {num_layers - 1}, "
             f"numbered by {context.numbering}, so {num_layers} layers) but the GSA config {config.model_name!r} has "
-            f"num_hidden_layers={config.num_hidden_layers}; use a config made for this model "
+            f"num_hidden_layers={config.num_hidden_layers}{split}; use a config made for this model "
             f"(GSAConfig.for_model(model, *example_inputs) sizes one from the graph) or pass config=None to derive one"
         )
     return gm

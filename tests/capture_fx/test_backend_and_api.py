@@ -159,8 +159,9 @@ def test_inspect_command(model, capsys):
     assert main(["inspect", model, "--layers", "2"]) == 0
     printed = capsys.readouterr().out
     assert "attention sites via inspect" in printed
-    if model == "multihead":
-        assert "left dense" in printed and "need_weights" in printed
+    if model == "multihead":  # one call without attention weights (a site), one with them (left dense)
+        assert "1 attention sites" in printed and "multihead_attention  first" in printed
+        assert "left dense: second" in printed and "need_weights" in printed
     else:
         assert "2 attention sites" in printed
 
