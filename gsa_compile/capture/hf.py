@@ -134,12 +134,11 @@ def own_configs(model: nn.Module) -> None:
     the attention implementation on the config, and another model built from the same config
     object (a dense reference, say) must keep its own attention."""
     copies: dict = {}
-    copied = copy.deepcopy(model.config, copies)
-    for module in model.modules():
+    copy.deepcopy(model.config, copies)  # fills `copies`: id of each config object -> its copy
+    for module in model.modules():  # the model itself first
         held = module.__dict__.get("config")
         if held is not None and id(held) in copies:
             module.config = copies[id(held)]
-    model.config = copied
 
 
 def not_interface_reason(model: nn.Module, found=None) -> Optional[str]:
