@@ -82,16 +82,11 @@ def profile_path(model, path: str, compiled: bool, batch: int, prompt: int, args
         cache = DynamicCache(config=model.config)
     e2e.fill(model, cache, batch, prompt - 1, device, generator)
 
-    def generate(tokens: int, cache=cache):  # bound now: the cache is freed below
-        seconds, _ = e2e.generate_seconds(model, ids, mask, cache, tokens, compiled, device)
-        e2e.rewind(cache, prompt - 1)
-        return seconds
-
+    generate = e2e.rewinding_generate(model, ids, mask, cache, compiled, device, prompt - 1)
     row = {"batch": batch, "prompt": prompt, "path": path, "cache": "static" if compiled else "dynamic"}
     with e2e.attention_path(model, path):
         generate(3)  # warm-up (compiles the static paths)
-        step, first, _ = min(e2e.timed_decode(model, ids, mask, cache, args.new_tokens, compiled, device, prompt - 1)
-                             for _ in range(2))
+        step, first, _ = min((e2e.timed_decode(generate, args.new_tokens) for _ in range(2)), key=lambda r: r[0])
         row.update(ms_per_step=1e3 * step, first_forward_ms=1e3 * first)
         if not compiled:
             seconds = collections.defaultdict(list)
@@ -104,7 +99,7 @@ def profile_path(model, path: str, compiled: bool, batch: int, prompt: int, args
                                os.path.join(args.out, f"trace_{path}.json"))
         if row["gpu_ms_per_step"] is not None:
             row["gpu_busy_share"] = row["gpu_ms_per_step"] / row["ms_per_step"]
-    del cache
+    del cache, generate  # generate holds the cache too
     if device == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -190,20 +190,31 @@ def generate_seconds(model, ids, mask, cache, new_tokens: int, compiled: bool, d
     return time.perf_counter() - started, out[:, ids.shape[1]:]
 
 
-def timed_decode(model, ids, mask, cache, new_tokens: int, compiled: bool, device: str, length: int):
-    """(seconds per decode step, seconds of generate()'s first forward, tokens): generate() of
-    one token (its first forward, eager) and of new_tokens tokens, the step being the
-    difference over new_tokens - 1. The cache is rewound to `length` after each."""
-    first, _ = generate_seconds(model, ids, mask, cache, 1, compiled, device)
-    rewind(cache, length)
-    total, tokens = generate_seconds(model, ids, mask, cache, new_tokens, compiled, device)
-    rewind(cache, length)
+def rewinding_generate(model, ids, mask, cache, compiled: bool, device: str, length: int):
+    """generate(tokens) -> (seconds, new tokens) of one generate() over `cache`, which is rewound
+    to `length` cached positions afterwards."""
+
+    def generate(tokens: int):
+        try:
+            return generate_seconds(model, ids, mask, cache, tokens, compiled, device)
+        finally:
+            rewind(cache, length)
+
+    return generate
+
+
+def timed_decode(generate, new_tokens: int):
+    """(seconds per decode step, seconds of generate()'s first forward, tokens) from
+    rewinding_generate's `generate`: generate() of one token (its first forward, eager) and of
+    new_tokens tokens, the step being the difference over new_tokens - 1."""
+    first, _ = generate(1)
+    total, tokens = generate(new_tokens)
     return (total - first) / (new_tokens - 1), first, tokens
 
 
 def profile_step(generate, new_tokens: int, device: str) -> dict:
     """profile_counts of one decode step: the counts of generate(new_tokens) less those of
-    generate(1), over new_tokens - 1 (generate(tokens) runs and rewinds)."""
+    generate(1), over new_tokens - 1 (rewinding_generate's `generate`)."""
     first = profile_counts(lambda: generate(1), 1, device)
     total = profile_counts(lambda: generate(new_tokens), 1, device)
     return {name: None if value is None else (value - first[name]) / (new_tokens - 1)
@@ -311,18 +322,15 @@ def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: floa
         results, busy = {}, {}
         order = [p for p in paths if p in args.paths]
 
-        def generate(tokens: int, cache=cache):  # bound now: the cache is freed after the loop
-            generate_seconds(model, ids, mask, cache, tokens, compiled, device)
-            rewind(cache, prompt - 1)
+        generate = rewinding_generate(model, ids, mask, cache, compiled, device, prompt - 1)
 
-        def timed(path: str, warm: bool, cache=cache):
+        def timed(path: str, warm: bool):
             try:
                 with attention_path(model, path):
                     if warm:
                         generate(3)
                     calls = sparse_calls(model)
-                    step, first, tokens = timed_decode(model, ids, mask, cache, args.new_tokens, compiled, device,
-                                                       prompt - 1)
+                    step, first, tokens = timed_decode(generate, args.new_tokens)
                     calls = sparse_calls(model) - calls
                     if warm and device == "cuda":  # more runs, profiled (not timed)
                         busy[path] = profile_step(generate, args.new_tokens, device)
@@ -330,8 +338,6 @@ def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: floa
                 print(f"  {path}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
                 results[path] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
                 return
-            finally:
-                rewind(cache, prompt - 1)
             best = results.get(path, {}).get("step", math.inf)
             if step < best:
                 results[path] = {"step": step, "first": first, "tokens": tokens, "sparse_calls": calls}
@@ -366,7 +372,7 @@ def run_shape(model, batch: int, prompt: int, args, device: str, bandwidth: floa
             if same_kernel is not None:
                 row["agree_gsa_kernel"] = float((result["tokens"] == same_kernel).all(-1).float().mean())
             rows.append(row)
-        del cache
+        del cache, generate  # generate holds the cache too
         if device == "cuda":
             torch.cuda.empty_cache()
     strongest = min((r for r in rows if r.get("path") in EXACT_DENSE and "ms_per_step" in r),

@@ -66,7 +66,6 @@ class DecodePlan:
     short_on_device: Optional[Tensor] = None  # bool []: the "short" part of dense_on_device
     row_length: Optional[Tensor] = None  # int64 [B]: 1 + last valid key index (0 without one)
     _limits: dict = dataclasses.field(default_factory=dict)  # per budget: blocks, device-side limits
-    _counts: Optional[Tensor] = None
 
     @property
     def n_blocks(self) -> int:
@@ -102,14 +101,11 @@ class DecodePlan:
             self._limits[key] = torch.where(self.dense_on_device, every, k).to(torch.int32)
         return self._limits[key]
 
-
     def device_counts(self) -> Tensor:
         """int64 [3] of a plan decided on the device: (sparse, dense as short, dense as
         concurrency), one of them 1, for counters every layer of the step adds."""
-        if self._counts is None:
-            dense, short = self.dense_on_device, self.short_on_device
-            self._counts = torch.stack([~dense, short, dense & ~short]).to(torch.int64)
-        return self._counts
+        dense, short = self.dense_on_device, self.short_on_device
+        return torch.stack([~dense, short, dense & ~short]).to(torch.int64)
 
 
 def plan_decode(

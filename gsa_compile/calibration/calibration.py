@@ -3,7 +3,6 @@ layer policy) for a transformers model, written as a config that gsa_compile.opt
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -14,6 +13,7 @@ import torch
 from ..config import GSAConfig
 from ..errors import GSAConfigError
 from ..hashing import layer_hash_weight, save_hash_weights
+from ..kernels.cpu.threads import at_most_threads
 from .capture import LayerCapture, capture_layers
 from .hata import HataSettings, train_head
 from .profile import ProfileResult, apply_profile, profile_layers
@@ -109,30 +109,17 @@ def mla_layouts(model, config: GSAConfig) -> dict:
     return layouts
 
 
-@contextlib.contextmanager
-def _one_thread_on_cpu(device: torch.device):
-    """A training step is a few small matrix products: on a CPU one thread runs them without
-    the barrier waits of several (measured: the calibration of a short `gsa-compile eval` took
-    23 s instead of 40 s on two cores another process kept busy)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _train_layer(layer: int, capture: LayerCapture, initial: torch.Tensor, settings: HataSettings, generator, progress: bool,
                  structure=None):
     from tqdm.auto import tqdm
 
     steps = capture.kv_heads * settings.epochs * settings.iterations
     heads, history = [], []
+    # A training step is a few small matrix products: on a CPU one thread runs them without the
+    # barrier waits of several (a short `gsa-compile eval`'s calibration took 23 s instead of 40 s
+    # on two cores another process kept busy). Other devices ignore torch's CPU threads.
     with tqdm(total=steps, desc=f"hash layer {layer}", unit="step", disable=not progress) as bar, \
-            _one_thread_on_cpu(capture.keys[0].device):
+            at_most_threads(1):
         for kv_head in range(capture.kv_heads):
             weight, losses = train_head(capture, kv_head, initial[kv_head], settings, generator, on_step=bar.update,
                                         structure=structure)

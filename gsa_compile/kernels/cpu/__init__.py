@@ -38,11 +38,11 @@ def token_similarity(query: torch.Tensor, key_codes: torch.Tensor, weight: torch
     groups = query.shape[1] // kv_heads
     weights, direct = plane_weights(groups), plane_layout(groups)[0]
     planes = sign_planes(encode(query, weight)[:, :, 0], kv_heads)
-    similarity = native.group_similarity(key_codes, planes, weights)
+    top = sum(weights) * code_bytes * 8  # the similarity is top - 2 * sum_p w_p hamming(plane_p, k)
+    similarity = native.group_similarity(key_codes, planes, weights, top)
     if similarity is not None:
         return similarity
-    weighted = _numpy_weighted_hamming(key_codes, planes, direct, weights)
-    similarity = (sum(weights) * code_bytes * 8 - 2 * weighted).astype(np.float64)
+    similarity = (top - 2 * _numpy_weighted_hamming(key_codes, planes, direct, weights)).astype(np.float64)
     return torch.from_numpy(similarity).reshape(batch, kv_heads, num_keys)
 
 

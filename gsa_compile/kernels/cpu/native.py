@@ -208,10 +208,11 @@ def available() -> bool:
     return _library() is not None
 
 
-def group_similarity(key_codes: torch.Tensor, planes: torch.Tensor, weights: list[int]) -> Optional[torch.Tensor]:
-    """float64 [B, H, L]: R * sum(weights) - 2 * sum_p weights[p] * hamming(key_codes[b, h, l],
-    planes[b, h, p]) for uint8 key_codes [B, H, L, R / 8] (any strides over B, H, L) and planes
-    [B, H, P, R / 8]; None when no compiled library is available."""
+def group_similarity(key_codes: torch.Tensor, planes: torch.Tensor, weights: list[int],
+                     top: int) -> Optional[torch.Tensor]:
+    """float64 [B, H, L]: top - 2 * sum_p weights[p] * hamming(key_codes[b, h, l], planes[b, h, p])
+    for uint8 key_codes [B, H, L, R / 8] (any strides over B, H, L) and planes [B, H, P, R / 8];
+    None when no compiled library is available."""
     library = _library()
     if library is None:
         return None
@@ -224,7 +225,7 @@ def group_similarity(key_codes: torch.Tensor, planes: torch.Tensor, weights: lis
     stride_b, stride_h, stride_l = key_codes.stride()[:3]
     library.gsa_group_similarity(
         key_codes.data_ptr(), stride_b, stride_h, stride_l, planes.data_ptr(), weight_values.data_ptr(),
-        batch, heads, num_keys, code_bytes, planes.shape[2], sum(weights) * code_bytes * 8, out.data_ptr(),
+        batch, heads, num_keys, code_bytes, planes.shape[2], top, out.data_ptr(),
     )
     return out
 

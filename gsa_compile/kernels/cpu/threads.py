@@ -8,9 +8,24 @@ dense attention over the whole cache (one large op) keeps all of them."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
+
+
+@contextlib.contextmanager
+def at_most_threads(count: int):
+    """torch's intra-op threads capped at `count` (at least 1) inside the block, then restored."""
+    threads = torch.get_num_threads()
+    if threads <= count:
+        yield
+        return
+    torch.set_num_threads(max(count, 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def at_most_one_thread_per_row(kernel):
@@ -18,14 +33,7 @@ def at_most_one_thread_per_row(kernel):
 
     @functools.wraps(kernel)
     def run(query, *args, **kwargs):
-        threads = torch.get_num_threads()
-        rows = query.shape[0]
-        if threads <= rows:
+        with at_most_threads(query.shape[0]):
             return kernel(query, *args, **kwargs)
-        torch.set_num_threads(max(rows, 1))
-        try:
-            return kernel(query, *args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
 
     return run
